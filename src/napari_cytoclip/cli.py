@@ -1,0 +1,365 @@
+"""The ``napari-cytoclip`` command: predict, train, evaluate and export corrections without napari.
+
+Errors a user can fix print one line, ``napari-cytoclip: error: <file>: <problem>``, and exit
+with status 2 (a traceback only with ``--debug``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from .errors import Cancelled, CytoclipError, OutputError
+
+PROG = "napari-cytoclip"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="CytoCLIP brain-region prediction for Nissl sections.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_export(sub)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser, model_help: str = "model bundle folder (default: the shipped model)"):
+    p.add_argument("--model", type=Path, default=None, metavar="BUNDLE", help=model_help)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict regions on section images")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="results go to DIR/<image name>/")
+    _add_common(p)
+    p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="micrometres per pixel")
+    p.add_argument("--stride-um", type=float, default=None, metavar="UM", help="grid step (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N")
+    p.add_argument("--full-resolution", action="store_true", help="also write labels on the image's pixel grid")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results folders")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS|local:N", help="run on a dask cluster")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a model on pair folders")
+    p.add_argument("pairs", nargs="+", type=Path, metavar="PAIRS")
+    p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="new model bundle folder")
+    p.add_argument("--init", type=Path, default=None, metavar="BUNDLE", help="start model (default: the shipped one)")
+    p.add_argument("--epochs", type=int, default=10, metavar="N")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N")
+    p.add_argument("--lr", type=float, default=1e-3, metavar="F")
+    p.add_argument("--val", type=Path, nargs="+", default=None, metavar="PAIRS")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--seed", type=int, default=0, metavar="N")
+    p.add_argument("--time-budget-s", type=float, default=None, metavar="S")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a model against label images")
+    _add_common(p)
+    p.add_argument("--images", type=Path, nargs="+", default=None, metavar="IMAGE")
+    p.add_argument("--labels", type=Path, nargs="+", default=None, metavar="LABELS")
+    p.add_argument("--allen-split", default=None, choices=["train", "val", "test"])
+    p.add_argument("--data-dir", type=Path, default=None, help="Allen data folder (default: $CYTOCLIP_DATA)")
+    p.add_argument("--out", type=Path, required=True, metavar="REPORT", help="report folder")
+    p.add_argument("--pixel-size", type=float, nargs="+", default=None, metavar="UM",
+                   help="one value for all images or one per image")
+    p.add_argument("--stride-um", type=float, default=None, metavar="UM")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export-pairs", help="turn corrected labels into training pairs")
+    p.add_argument("image", type=Path, metavar="IMAGE")
+    p.add_argument("labels", type=Path, metavar="LABELS",
+                   help="corrected labels.tif on the prediction grid, or a label image of the image's size")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--prediction", type=Path, default=None, metavar="DIR", help="an earlier predict results folder")
+    _add_common(p)
+    p.add_argument("--pixel-size", type=float, default=None, metavar="UM")
+    p.add_argument("--stride-um", type=float, default=None, metavar="UM")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N")
+    p.add_argument("--full-resolution", action="store_true")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _progress(total: int, desc: str, quiet: bool, unit: str = "tile"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=quiet, leave=False, dynamic_ncols=True)
+
+
+def _model(args, path: Path | None):
+    from .model import load_model
+
+    return load_model(path, device=args.device, precision=getattr(args, "precision", "auto"))
+
+
+def _predict_one(section, model, args, desc: str):
+    """Run prediction with a tqdm bar fed by :func:`predict.predict_iter`."""
+    from .predict import predict_iter
+
+    gen = predict_iter(section, model, stride_um=args.stride_um, batch_size=args.batch_size)
+    bar = None
+    try:
+        while True:
+            res = next(gen)
+            if bar is None:
+                bar = _progress(res.total, desc, args.quiet)
+            bar.update(res.done - bar.n)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        gen.close()  # stops the reader thread on an error or Ctrl-C
+        if bar is not None:
+            bar.close()
+
+
+def cmd_predict(args) -> int:
+    from .outputs import write_prediction_folder
+    from .sections import open_section
+
+    _check_batch(args.batch_size)
+    targets = _predict_targets(args.images, args.out, args.overwrite)
+    if args.scheduler:
+        return _predict_distributed(args)
+    model = _model(args, args.model)
+    for image, target in zip(args.images, targets):
+        section = open_section(image, pixel_size_um=args.pixel_size)
+        try:
+            section.require_pixel_size()
+            prediction = _predict_one(section, model, args, image.name)
+            write_prediction_folder(prediction, section, target, overwrite=args.overwrite,
+                                    full_resolution=args.full_resolution)
+        finally:
+            section.close()
+        print(target, flush=True)
+    return 0
+
+
+def _check_batch(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {n}")
+
+
+def _predict_targets(images: list[Path], out: Path, overwrite: bool) -> list[Path]:
+    """``out/<stem>`` for each image, refused up front when missing, clashing or already there."""
+    from .errors import SectionError
+
+    targets = []
+    for image in images:
+        if not image.is_file():
+            raise SectionError(image, "no such file" if not image.exists() else "is not a file")
+        targets.append(out / image_stem(image))
+    seen: dict[Path, Path] = {}
+    for image, target in zip(images, targets):
+        if target in seen:
+            raise OutputError(target, f"{seen[target]} and {image} would share this results folder; rename one")
+        seen[target] = image
+        if target.exists() and not overwrite:
+            raise OutputError(target, "already exists (use --overwrite to replace it)")
+    return targets
+
+
+def image_stem(path: Path) -> str:
+    """The results folder name for an image: its name without the (OME-)TIFF/image suffix."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _predict_distributed(args) -> int:
+    try:
+        from .distributed import predict_many
+    except ImportError as exc:
+        raise CytoclipError(None, f"--scheduler needs napari_cytoclip.distributed, which is not available ({exc})") \
+            from None
+    predict_many(args.images, args.out, model=args.model, scheduler=args.scheduler, pixel_size_um=args.pixel_size,
+                 stride_um=args.stride_um, batch_size=args.batch_size, device=args.device, precision=args.precision,
+                 full_resolution=args.full_resolution, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    if args.out.exists():
+        raise OutputError(args.out, "already exists; choose a new folder for the trained model")
+    bundle = _bundle(args.init)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         device=args.device, time_budget_s=args.time_budget_s)
+    bar = _progress(None, "train", args.quiet, unit="step")
+
+    def progress(info: dict) -> None:
+        if "epoch_done" in info:
+            m = info["epoch_done"]
+            bar.write(f"epoch {m['epoch']}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()
+                                                          if k != "epoch" and isinstance(v, (int, float))))
+            return
+        if bar.total != info["steps"] or info["step"] + 1 < bar.n:
+            bar.reset(total=info["steps"])
+        bar.set_description(f"epoch {info['epoch'] + 1}/{config.epochs}")
+        bar.set_postfix(loss=f"{info['loss']:.4f}", refresh=False)
+        bar.update(info["step"] + 1 - bar.n)
+
+    try:
+        result = train(args.pairs, args.out, bundle, config, val_folders=args.val, progress=progress)
+    finally:
+        bar.close()
+    print(result.path, flush=True)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from .evaluate import evaluate, evaluate_allen_split
+
+    if (args.images is None) == (args.allen_split is None):
+        raise ValueError("give either --images with --labels, or --allen-split")
+    model = _model(args, args.model)
+    kwargs = dict(stride_um=args.stride_um, overwrite=args.overwrite, batch_size=args.batch_size,
+                  progress=None if args.quiet else _ImageProgress())
+    if args.allen_split:
+        report = evaluate_allen_split(model, args.allen_split, data_dir=args.data_dir, out=args.out, **kwargs)
+    else:
+        if not args.labels or len(args.labels) != len(args.images):
+            raise ValueError(f"--labels needs one label image per image ({len(args.images)})")
+        sizes = _pixel_sizes(args.pixel_size, len(args.images))
+        report = evaluate(model, args.images, args.labels, args.out, pixel_sizes=sizes, **kwargs)
+    print(json.dumps({k: report[k] for k in ("macro_f1", "accuracy") if k in report}), flush=True)
+    return 0
+
+
+class _ImageProgress:
+    """``progress(done, total, name)`` callback that draws a tqdm bar per image."""
+
+    def __init__(self):
+        self.bar = None
+        self.name = None
+
+    def __call__(self, done: int, total: int, name: str = "") -> None:
+        if self.bar is None or name != self.name:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar, self.name = _progress(total, name, False), name
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+def _pixel_sizes(values: list[float] | None, n: int) -> list[float] | None:
+    if values is None:
+        return None
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"--pixel-size takes one value or one per image ({n}), got {len(values)}")
+    return values
+
+
+def cmd_export(args) -> int:
+    from .export import export_corrections, labels_on_grid, read_label_image
+
+    _check_batch(args.batch_size)
+    labels = read_label_image(args.labels)  # fail early, before any prediction
+    prediction, section, bundle = _prediction_for_export(args)
+    try:
+        edited = labels_on_grid(labels, prediction.grid, section.shape, source=args.labels)
+        result = export_corrections(section, prediction, edited, args.out, bundle,
+                                    full_resolution=args.full_resolution)
+    finally:
+        section.close()
+    print(f"{result.folder}: {result.pairs_added} pairs added, {result.pairs_existing} already there "
+          f"({result.corrected_cells} corrected, {result.confirmed_cells} confirmed cells)", flush=True)
+    return 0
+
+
+def _bundle(path: Path | None):
+    from .bundle import BUNDLE_WEIGHTS, default_bundle_path, load_bundle
+
+    if path is None:
+        path = default_bundle_path()
+        if not (path / BUNDLE_WEIGHTS).is_file():
+            raise CytoclipError(path, "the default model is not installed; pass a bundle folder with --model")
+    return load_bundle(path)
+
+
+def _prediction_for_export(args):
+    """Prediction, section and bundle behind the corrections: from ``--prediction`` (checked) or predicted now."""
+    from .cache import expected_signature, jsonable, load_prediction
+    from .grid import TileGrid
+    from .outputs import CACHE_DIR
+    from .predict import check_signature
+    from .sections import open_section
+
+    if args.prediction is None:
+        model = _model(args, args.model)
+        section = open_section(args.image, pixel_size_um=args.pixel_size)
+        section.require_pixel_size()
+        return _predict_one(section, model, args, args.image.name), section, model.bundle
+    folder = args.prediction / CACHE_DIR if (args.prediction / CACHE_DIR).is_dir() else args.prediction
+    cached = load_prediction(folder)
+    bundle = _bundle(args.model)
+    section = open_section(args.image, pixel_size_um=args.pixel_size or cached.grid.pixel_size_um)
+    grid = TileGrid.covering(section.shape, section.require_pixel_size(), cached.grid.stride_um)
+    check_signature(cached, jsonable(expected_signature(section, bundle, grid)), str(args.prediction))
+    return cached, section, bundle
+
+
+COMMANDS = {"predict": cmd_predict, "train": cmd_train, "evaluate": cmd_evaluate, "export-pairs": cmd_export}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, CytoclipError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    old_showwarning = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _show_warning
+    try:
+        return COMMANDS[args.command](args)
+    except (CytoclipError, OSError, ValueError) as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_error_text(exc)}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Cancelled):
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = old_showwarning
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

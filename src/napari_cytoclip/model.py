@@ -1,0 +1,294 @@
+"""Building open_clip models from bundles or plain checkpoints, and encoding tiles and text."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, default_bundle_path, load_bundle,
+                     load_regions_csv, resolve_text_tower)
+from .errors import BundleError
+
+TEXT_TRUNK_PREFIX = "text.transformer."
+
+
+def pick_device(preference: str = "auto"):
+    """``auto`` picks CUDA, then Apple MPS, then CPU; an explicit choice is checked."""
+    import torch
+
+    preference = (preference or "auto").lower()
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise BundleError(None, "device 'cuda' was asked for but no CUDA GPU is available")
+    if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BundleError(None, "device 'mps' was asked for but Apple MPS is not available")
+    if preference not in ("cpu", "mps") and not preference.startswith("cuda"):
+        raise BundleError(None, f"unknown device {preference!r} (auto, cpu, cuda, mps)")
+    return torch.device(preference)
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bfloat16 arithmetic (AVX-512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: trust oneDNN's own check
+        import torch
+
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except Exception:  # pragma: no cover - older torch
+            return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def build_open_clip(bundle: ModelBundle, load_text_weights: bool = True):
+    """The open_clip model and tokenizer a bundle names, with random or package text weights."""
+    import open_clip
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _quiet_libraries()
+    source = bundle.path or bundle.name
+    arch = bundle.architecture
+    try:
+        if "config" in arch:
+            cfg = json.loads(json.dumps(arch["config"]))
+            text_dir = resolve_text_tower(bundle.text_tower, source)
+            if text_dir is not None:
+                cfg.setdefault("text_cfg", {})["hf_model_name"] = str(text_dir)
+                cfg["text_cfg"]["hf_tokenizer_name"] = str(text_dir)
+            with tempfile.TemporaryDirectory() as tmp:
+                Path(tmp, "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+                model = open_clip.create_model(f"local-dir:{tmp}", load_weights=False,
+                                               pretrained_text=load_text_weights and text_dir is not None,
+                                               pretrained_image=False)
+                tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}") if text_dir is None else \
+                    open_clip.tokenizer.HFTokenizer(str(text_dir), context_length=cfg["text_cfg"].get("context_length", 77))
+        else:
+            name = arch["name"]
+            if name not in open_clip.list_models():
+                raise BundleError(source, f"unknown open_clip architecture {name!r}")
+            model = open_clip.create_model(name, pretrained=None, load_weights=False,
+                                           pretrained_text=False, pretrained_image=False)
+            tokenizer = open_clip.get_tokenizer(name)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(source, f"cannot build the architecture ({type(exc).__name__}: {exc})") from None
+    return model, tokenizer
+
+
+def _quiet_libraries() -> None:
+    """open_clip and transformers log loading chatter that users need not see."""
+    import logging
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """Tensors from safetensors, or from a torch checkpoint without unpickling code."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(path, "weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        kind = "refused to unpickle: the checkpoint holds Python objects, not only tensors" \
+            if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ else f"{type(exc).__name__}: {exc}"
+        raise BundleError(path, f"cannot read the weights ({kind})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise BundleError(path, "the weights file is not a dictionary of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def load_weights_into(model: Any, state: dict, source: Any, text_from_package: bool) -> None:
+    """Load ``state`` strictly, except the text trunk when the text tower comes from a package."""
+    own = model.state_dict()
+    bad_shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad_shapes:
+        raise BundleError(source, "weights do not match the architecture: " + "; ".join(bad_shapes[:5]))
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state)
+                     if not (text_from_package and k.startswith(TEXT_TRUNK_PREFIX)))
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise BundleError(source, "weights do not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+class CytoClip:
+    """A loaded model: encodes uint8 windows and text into one normalised embedding space."""
+
+    def __init__(self, bundle: ModelBundle, model: Any, tokenizer: Any, device: Any, precision: str = "fp32"):
+        import torch
+
+        self.bundle = bundle
+        self.device = device
+        self.precision = precision
+        self._tokenizer = tokenizer
+        self._text_cache: dict[str, np.ndarray] = {}
+        model.eval()
+        self.model = model.to(device)
+        self.image_dtype = torch.float32
+        if device.type == "cpu":
+            self.model.visual.to(memory_format=torch.channels_last)
+            if precision == "bf16":
+                self.model.visual.to(torch.bfloat16)
+                self.image_dtype = torch.bfloat16
+        with torch.no_grad():
+            self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())
+
+    @property
+    def input(self) -> InputSpec:
+        return self.bundle.input
+
+    @property
+    def regions(self) -> list[Region]:
+        return self.bundle.regions
+
+    @property
+    def model_hash(self) -> str:
+        return self.bundle.weights_hash()
+
+    def preprocess(self, windows: np.ndarray):
+        """uint8 ``(B, N, N, 3)`` windows to the normalised tensor the image tower takes."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.input.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.input.std, device=self.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.image_dtype)
+
+    def encode_windows(self, windows: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 embeddings ``(B, D)`` of uint8 windows."""
+        import torch
+
+        if len(windows) == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        x = self.preprocess(windows)
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
+                    emb = self.model.encode_image(x)
+            else:
+                emb = self.model.encode_image(x)
+            emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        return emb.cpu().numpy()
+
+    @property
+    def embed_dim(self) -> int:
+        if not hasattr(self, "_dim"):
+            self._dim = int(self.encode_texts(["x"]).shape[1])
+        return self._dim
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 embeddings of ``texts`` (memoised per string)."""
+        import torch
+
+        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if todo:
+            tokens = self._tokenizer(todo).to(self.device)
+            with torch.inference_mode():
+                emb = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            for t, e in zip(todo, emb.cpu().numpy()):
+                self._text_cache[t] = e
+        return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+
+    def region_embeddings(self, regions: Sequence[Region] | None = None) -> np.ndarray:
+        """One embedding per region: its prompt ensemble averaged, then renormalised."""
+        regions = self.regions if regions is None else regions
+        out = []
+        for r in regions:
+            e = self.encode_texts(r.texts()).mean(0)
+            out.append(e / max(np.linalg.norm(e), 1e-12))
+        return np.stack(out).astype(np.float32)
+
+
+def load_model(bundle: ModelBundle | str | Path | None = None, device: str = "auto",
+               precision: str = "auto") -> CytoClip:
+    """Load a bundle (default: the shipped model) onto ``device``.
+
+    ``precision``: ``fp32``, ``bf16`` (CPU with native bf16 only) or ``auto`` (bf16 where the
+    CPU supports it natively, else fp32; CUDA always uses mixed precision).
+    """
+    if bundle is None:
+        path = default_bundle_path()
+        if not (path / BUNDLE_WEIGHTS).is_file():
+            raise BundleError(path, "the default model is not installed; pass a bundle folder with --model")
+        bundle = path
+    if not isinstance(bundle, ModelBundle):
+        bundle = load_bundle(bundle)
+    dev = pick_device(device)
+    model, tokenizer = build_open_clip(bundle)
+    if bundle.weights_path is not None:
+        state = read_state_dict(bundle.weights_path)
+        load_weights_into(model, state, bundle.weights_path, text_from_package=bundle.text_tower is not None)
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cpu" and cpu_supports_bf16() and _is_conv_tower(bundle) else "fp32"
+    if precision == "bf16" and dev.type == "cpu" and not cpu_supports_bf16():
+        warnings.warn("this CPU has no native bfloat16; using float32", RuntimeWarning, stacklevel=2)
+        precision = "fp32"
+    return CytoClip(bundle, model, tokenizer, dev, precision)
+
+
+def _is_conv_tower(bundle: ModelBundle) -> bool:
+    """bf16 on CPU pays off (and keeps labels) for the conv-net towers measured here."""
+    cfg = bundle.architecture.get("config", {}).get("vision_cfg", {})
+    return any(k in str(cfg.get("timm_model_name", "")) for k in ("efficientnet", "mobilenet", "convnext", "resnet"))
+
+
+def load_checkpoint_model(architecture: str, checkpoint: str | Path, regions_csv: str | Path,
+                          input_spec: InputSpec | None = None, device: str = "auto") -> CytoClip:
+    """A plain open_clip checkpoint + architecture name + regions CSV, as a model."""
+    import open_clip
+
+    if architecture not in open_clip.list_models():
+        raise BundleError(checkpoint, f"unknown open_clip architecture {architecture!r}")
+    regions = load_regions_csv(regions_csv)
+    if input_spec is None:
+        size = open_clip.get_model_config(architecture)["vision_cfg"].get("image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        input_spec = InputSpec(size=int(size), scales_um=(float(size),), mode="rgb",
+                               mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    bundle = ModelBundle(name=Path(checkpoint).stem, architecture={"name": architecture}, input=input_spec,
+                         regions=regions, label_um=min(input_spec.scales_um), stride_um=min(input_spec.scales_um))
+    bundle.weights_path = Path(checkpoint)
+    dev = pick_device(device)
+    model, tokenizer = build_open_clip(bundle, load_text_weights=False)
+    load_weights_into(model, read_state_dict(checkpoint), checkpoint, text_from_package=False)
+    return CytoClip(bundle, model, tokenizer, dev, "fp32")

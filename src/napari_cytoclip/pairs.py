@@ -1,0 +1,165 @@
+"""Image-text pair folders: what corrections export and what training reads.
+
+A pair folder holds ``tiles/<content hash>.png`` (model-input windows), ``pairs.csv`` with
+``filepath,caption`` (open_clip's training CSV) and ``pairs.jsonl`` with one provenance record
+per pair. Names are content hashes, so writing the same pair twice adds nothing.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import CytoclipError, OutputError
+from .io_utils import atomic_write_bytes, inside
+
+PAIRS_CSV = "pairs.csv"
+PAIRS_JSONL = "pairs.jsonl"
+TILES_DIR = "tiles"
+
+
+@dataclass
+class Pair:
+    """One window (uint8 ``(N, N, 3)``), its caption and provenance."""
+
+    image: np.ndarray
+    caption: str
+    record: dict
+
+
+def pair_name(image: np.ndarray, caption: str) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(image).tobytes())
+    h.update(caption.encode("utf-8"))
+    return h.hexdigest()[:20]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def existing_names(folder: Path) -> set[str]:
+    csv_path = folder / PAIRS_CSV
+    if not csv_path.is_file():
+        return set()
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return {Path(row["filepath"]).stem for row in csv.DictReader(f)}
+
+
+def write_pairs(folder: str | Path, pairs: Iterable[Pair]) -> tuple[int, int]:
+    """Add pairs to a folder (created if needed); returns ``(added, already_there)``.
+
+    Tiles are written atomically first, then the CSV and JSONL are rewritten atomically with the
+    new rows appended, so an interrupted export leaves the earlier pairs intact.
+    """
+    folder = Path(folder)
+    tiles = folder / TILES_DIR
+    try:
+        tiles.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(folder, f"cannot create the pair folder ({exc.strerror})") from None
+    inside(folder, tiles)
+    known = existing_names(folder)
+    rows, records, skipped = [], [], 0
+    for pair in pairs:
+        name = pair_name(pair.image, pair.caption)
+        if name in known:
+            skipped += 1
+            continue
+        rel = f"{TILES_DIR}/{name}.png"
+        atomic_write_bytes(inside(folder, folder / rel), encode_png(pair.image))
+        known.add(name)
+        rows.append((rel, pair.caption))
+        records.append({"filepath": rel, "caption": pair.caption, **pair.record})
+    if rows:
+        _append_text(folder / PAIRS_CSV, _csv_text(rows, header=not (folder / PAIRS_CSV).exists()))
+        _append_text(folder / PAIRS_JSONL, "".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
+    return len(rows), skipped
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _csv_text(rows, header: bool) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if header:
+        w.writerow(["filepath", "caption"])
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _append_text(path: Path, text: str) -> None:
+    old = path.read_bytes() if path.exists() else b""
+    atomic_write_bytes(path, old + text.encode("utf-8"))
+
+
+def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[dict]]:
+    """Files, captions and provenance records (``{}`` where the JSONL has none) of a pair folder."""
+    folder = Path(folder)
+    csv_path = folder / PAIRS_CSV
+    if not csv_path.is_file():
+        raise CytoclipError(folder, f"not a pair folder: {PAIRS_CSV} is missing")
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"filepath", "caption"} <= set(reader.fieldnames):
+                raise CytoclipError(csv_path, "needs the columns 'filepath' and 'caption'")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CytoclipError(csv_path, f"malformed CSV ({exc})") from None
+    records: dict[str, dict] = {}
+    jsonl = folder / PAIRS_JSONL
+    if jsonl.is_file():
+        for i, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise CytoclipError(jsonl, f"line {i} is not JSON") from None
+                records[rec.get("filepath", "")] = rec
+    files, captions, recs = [], [], []
+    for row in rows:
+        path = inside(folder, folder / row["filepath"]) if not os.path.isabs(row["filepath"]) else Path(row["filepath"])
+        files.append(path)
+        captions.append(row["caption"])
+        recs.append(records.get(row["filepath"], {}))
+    return files, captions, recs
+
+
+def load_pair_images(files: list[Path], size: int) -> np.ndarray:
+    """All pair images as uint8 ``(n, size, size, 3)``; refuses images of another size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def load(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise CytoclipError(path, f"unreadable pair image ({exc})") from None
+        if arr.shape[:2] != (size, size):
+            raise CytoclipError(path, f"pair image is {arr.shape[1]}x{arr.shape[0]} px, the model takes {size}x{size}")
+        return arr
+
+    out = np.zeros((len(files), size, size, 3), np.uint8)
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 2)) as pool:
+        for i, arr in enumerate(pool.map(load, files, chunksize=256)):
+            out[i] = arr
+    return out

@@ -1,0 +1,184 @@
+"""Sliding-window region prediction over a section, streamed batch by batch."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Iterator
+
+import numpy as np
+
+from .aggregate import footprint_radius, labels_from_index, region_probabilities, similarity_grid, vote
+from .bundle import Region
+from .errors import Cancelled, CacheMismatch
+from .grid import TileGrid
+from .model import CytoClip
+from .sections import Section
+from .tissue import TissueMask, tissue_mask
+from .windows import WindowReader
+
+MIN_TISSUE_FRACTION = 0.25
+
+
+@dataclass
+class Prediction:
+    """Everything a prediction produced: the grid, tile embeddings, labels and confidence."""
+
+    grid: TileGrid
+    cells: np.ndarray                 # (n, 2) int32 encoded cells (row, col)
+    embeddings: np.ndarray            # (n, D) float16, L2-normalised
+    regions: list[Region]
+    labels: np.ndarray                # (rows, cols) uint16 region ids, 0 = no tissue / not encoded
+    confidence: np.ndarray            # (rows, cols) float32 mean probability of the winner
+    signature: dict
+    label_um: float
+    logit_scale: float
+    polarity: str
+    source: str = ""
+    model_name: str = ""
+    timings: dict = field(default_factory=dict)
+    complete: bool = True
+
+    def decode(self, region_embeddings: np.ndarray, regions: list[Region] | None = None) -> "Prediction":
+        """Labels and confidence for a (new) vocabulary, from the cached embeddings alone."""
+        regions = self.regions if regions is None else regions
+        labels, conf = decode_labels(self.cells, self.embeddings, region_embeddings, [r.id for r in regions],
+                                     self.grid, self.label_um, self.logit_scale)
+        self.regions, self.labels, self.confidence = list(regions), labels, conf
+        return self
+
+    def similarity(self, text_embedding: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each encoded cell to a text embedding (NaN elsewhere)."""
+        return similarity_grid(self.cells, self.embeddings, text_embedding, self.grid.shape)
+
+    def tile_counts(self) -> dict:
+        return {"grid_cells": int(np.prod(self.grid.shape)), "encoded": int(len(self.cells)),
+                "skipped_background": int(np.prod(self.grid.shape) - len(self.cells))}
+
+
+@dataclass
+class BatchResult:
+    """One classified batch: its cells, best region id and probability, and progress."""
+
+    cells: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+    done: int
+    total: int
+
+
+def decode_labels(cells, embeddings, region_embeddings, region_ids, grid, label_um, logit_scale):
+    probs = region_probabilities(embeddings, region_embeddings, logit_scale)
+    index, conf = vote(cells, probs, grid.shape, footprint_radius(label_um, grid.stride_um))
+    return labels_from_index(index, region_ids), conf
+
+
+def plan_grid(section: Section, model: CytoClip, stride_um: float | None = None,
+              mask: TissueMask | None = None) -> tuple[TileGrid, np.ndarray, TissueMask]:
+    """The grid for a section and the tissue cells on it (row-major order)."""
+    stride = float(stride_um or model.bundle.stride_um)
+    grid = TileGrid.covering(section.shape, section.require_pixel_size(), stride)
+    mask = mask or tissue_mask(section)
+    centers = grid.centers()
+    frac = mask.fraction_in_cells(centers, grid.step)
+    rr, cc = np.indices(grid.shape)
+    keep = frac.reshape(grid.shape) >= MIN_TISSUE_FRACTION
+    cells = np.stack([rr[keep], cc[keep]], 1).astype(np.int32)
+    return grid, cells, mask
+
+
+def signature(section: Section, model: CytoClip, grid: TileGrid) -> dict:
+    return {"section": section.content_hash(), "model": model.model_hash, "grid": grid.to_dict(),
+            "input": model.bundle.to_json()["input"]}
+
+
+def _prefetch(reader: WindowReader, grid: TileGrid, batches: list[np.ndarray], depth: int = 2) -> Iterator:
+    """Read batches in a background thread so reading overlaps with encoding."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for b in batches:
+                if stop.is_set():
+                    return
+                q.put((b, reader.read(grid.centers(b))))
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+        q.put(None)
+
+    thread = threading.Thread(target=work, daemon=True, name="cytoclip-reader")
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def predict_iter(section: Section, model: CytoClip, *, stride_um: float | None = None, batch_size: int = 64,
+                 cells: np.ndarray | None = None, polarity: str | None = None,
+                 ) -> Generator[BatchResult, None, Prediction]:
+    """Classify a section batch by batch; yields :class:`BatchResult`, returns the :class:`Prediction`.
+
+    Closing the generator early (cancel) stops reading and encoding at the next batch.
+    """
+    t0 = time.perf_counter()
+    mask = tissue_mask(section, polarity)
+    grid, tissue_cells, _ = plan_grid(section, model, stride_um, mask)
+    cells = tissue_cells if cells is None else np.asarray(cells, np.int32).reshape(-1, 2)
+    t_plan = time.perf_counter() - t0
+    reader = WindowReader(section, model.input, mask.polarity)
+    region_emb = model.region_embeddings()
+    region_ids = [r.id for r in model.regions]
+    batches = [cells[i:i + batch_size] for i in range(0, len(cells), batch_size)]
+    emb = np.zeros((len(cells), model.embed_dim), np.float16)
+    done, t_encode = 0, 0.0
+    for batch_cells, windows in _prefetch(reader, grid, batches):
+        t1 = time.perf_counter()
+        e = model.encode_windows(windows)
+        t_encode += time.perf_counter() - t1
+        emb[done:done + len(e)] = e
+        probs = region_probabilities(e, region_emb, model.logit_scale)
+        done += len(e)
+        yield BatchResult(batch_cells, np.asarray(region_ids, np.uint16)[probs.argmax(1)], probs.max(1), done, len(cells))
+    labels, conf = decode_labels(cells, emb, region_emb, region_ids, grid, model.bundle.label_um, model.logit_scale)
+    total = time.perf_counter() - t0
+    return Prediction(grid=grid, cells=cells, embeddings=emb, regions=list(model.regions), labels=labels,
+                      confidence=conf, signature=signature(section, model, grid), label_um=model.bundle.label_um,
+                      logit_scale=model.logit_scale, polarity=mask.polarity, source=section.source or section.name,
+                      model_name=model.bundle.name,
+                      timings={"plan_s": t_plan, "encode_s": t_encode, "total_s": total,
+                               "tiles_per_s": len(cells) / total if total else 0.0})
+
+
+def predict_section(section: Section, model: CytoClip, *, stride_um: float | None = None, batch_size: int = 64,
+                    progress: Callable[[int, int], None] | None = None,
+                    should_cancel: Callable[[], bool] | None = None) -> Prediction:
+    """Run :func:`predict_iter` to the end with plain callbacks; raises :class:`Cancelled` on cancel."""
+    gen = predict_iter(section, model, stride_um=stride_um, batch_size=batch_size)
+    try:
+        while True:
+            res = next(gen)
+            if progress:
+                progress(res.done, res.total)
+            if should_cancel and should_cancel():
+                gen.close()
+                raise Cancelled()
+    except StopIteration as stop:
+        return stop.value
+
+
+def check_signature(prediction: Prediction, expected: dict, source: str = "") -> None:
+    """Refuse cached embeddings made for another section, model or grid."""
+    for key in ("section", "model", "grid", "input"):
+        if prediction.signature.get(key) != expected.get(key):
+            raise CacheMismatch(source, f"the cached embeddings belong to another {key}; predict again")

@@ -1,0 +1,371 @@
+"""Reading Nissl sections lazily: TIFF/OME-TIFF/SVS pyramids, PNG/JPEG, in-memory arrays."""
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import SectionError
+
+TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2", ".ndpi", ".scn"}
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+MAX_PIL_PIXELS = 30_000 * 30_000  # a PNG/JPEG larger than this should be a pyramidal TIFF
+PLAUSIBLE_PIXEL_UM = (0.05, 500.0)
+
+
+class PixelSizeWarning(UserWarning):
+    """The pixel size is unknown or doubtful."""
+
+
+@dataclass
+class Section:
+    """A section image as a list of pyramid levels, level 0 first.
+
+    Each level is an array-like (numpy, dask or zarr) of shape ``(H, W)`` or ``(H, W, C)``
+    with C in {3, 4}; slicing reads only what is asked for.
+    """
+
+    name: str
+    levels: list[Any]
+    pixel_size_um: float | None = None
+    source: str | None = None
+    _keep_open: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise SectionError(self.source or self.name, "the image has no pixel data")
+        base = self.levels[0]
+        if base.ndim not in (2, 3) or (base.ndim == 3 and base.shape[2] not in (3, 4)):
+            raise SectionError(self.source or self.name,
+                               f"expected a 2-D grayscale or RGB(A) image, got shape {tuple(base.shape)}")
+        if min(base.shape[:2]) < 1:
+            raise SectionError(self.source or self.name, f"the image is empty (shape {tuple(base.shape)})")
+        kind = np.dtype(base.dtype).kind
+        if kind not in "uif":
+            raise SectionError(self.source or self.name, f"unsupported pixel type {base.dtype}")
+        if self.pixel_size_um is not None:
+            self.pixel_size_um = check_pixel_size(self.pixel_size_um, self.source or self.name)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.levels[0].shape[:2])
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.levels[0].ndim == 3
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.levels[0].dtype)
+
+    def downsample(self, level: int) -> float:
+        """How many level-0 pixels one pixel of ``level`` spans (mean of both axes)."""
+        h0, w0 = self.shape
+        h, w = self.levels[level].shape[:2]
+        return float((h0 / h + w0 / w) / 2)
+
+    def level_for(self, pixel_size_um: float) -> int:
+        """The coarsest level whose pixels are no larger than ``pixel_size_um``."""
+        best = 0
+        for i in range(len(self.levels)):
+            if self.require_pixel_size() * self.downsample(i) <= pixel_size_um * 1.0001:
+                best = i
+        return best
+
+    def require_pixel_size(self) -> float:
+        if self.pixel_size_um is None:
+            raise SectionError(self.source or self.name,
+                               "the pixel size is unknown: give it in micrometres per pixel "
+                               "(--pixel-size in the CLI, 'Pixel size' in the widget)")
+        return self.pixel_size_um
+
+    def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels of ``level`` in ``[y0, y1) x [x0, x1)``; outside the image is filled with NaN-free edge zeros.
+
+        Returns float32 ``(h, w)`` or ``(h, w, 3)`` in [0, 1] before polarity handling.
+        """
+        arr = self.levels[level]
+        h, w = arr.shape[:2]
+        cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+        out_shape = (y1 - y0, x1 - x0) + ((3,) if self.is_rgb else ())
+        out = np.full(out_shape, np.nan, dtype=np.float32)
+        if cy1 > cy0 and cx1 > cx0:
+            block = np.asarray(arr[cy0:cy1, cx0:cx1])
+            out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = self.normalise(block)
+        return out
+
+    def normalise(self, block: np.ndarray) -> np.ndarray:
+        """Raw pixels to float32 in [0, 1]; alpha dropped; NaN/inf replaced by the low end."""
+        if block.ndim == 3:
+            block = block[..., :3]
+        lo, hi = self.intensity_range
+        out = (block.astype(np.float32) - lo) / max(hi - lo, 1e-12)
+        np.clip(out, 0.0, 1.0, out=out)
+        if block.dtype.kind == "f":
+            out[~np.isfinite(block)] = 0.0
+        return out
+
+    @property
+    def intensity_range(self) -> tuple[float, float]:
+        """Values mapped to 0 and 1: the dtype's range for uint8, robust percentiles otherwise."""
+        if not hasattr(self, "_range"):
+            if self.dtype == np.uint8:
+                self._range = (0.0, 255.0)
+            else:
+                thumb = self.thumbnail_raw().astype(np.float64)
+                finite = thumb[np.isfinite(thumb)]
+                if finite.size == 0:
+                    raise SectionError(self.source or self.name, "every pixel is NaN or infinite")
+                lo, hi = np.percentile(finite, [0.1, 99.9])
+                if hi <= lo:
+                    lo, hi = float(finite.min()), float(finite.max()) + 1.0
+                self._range = (float(lo), float(hi))
+        return self._range
+
+    def thumbnail_level(self, max_side: int = 1024) -> int:
+        """The finest level whose longer side is at most ``max_side`` (else the coarsest)."""
+        for i, lev in enumerate(self.levels):
+            if max(lev.shape[:2]) <= max_side:
+                return i
+        return len(self.levels) - 1
+
+    def thumbnail_raw(self, max_side: int = 1024) -> np.ndarray:
+        """A small raw-valued view of the section, strided down from the best level."""
+        level = self.thumbnail_level(max_side)
+        arr = self.levels[level]
+        stride = max(1, int(np.ceil(max(arr.shape[:2]) / max_side)))
+        return np.asarray(arr[::stride, ::stride])
+
+    def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
+        """``(gray float32 image in [0, 1], level-0 pixels per thumbnail pixel)``."""
+        raw = self.thumbnail_raw(max_side)
+        img = self.normalise(raw)
+        if img.ndim == 3:
+            img = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        factor = (self.shape[0] / img.shape[0] + self.shape[1] / img.shape[1]) / 2
+        return img, float(factor)
+
+    def content_hash(self) -> str:
+        """A short hash of the pixels (a thumbnail for large images), shape and dtype."""
+        if not hasattr(self, "_hash"):
+            h = hashlib.sha256()
+            h.update(repr((self.shape, str(self.dtype), self.is_rgb)).encode())
+            base = self.levels[0]
+            pixels = np.asarray(base) if base.size <= 64_000_000 else self.thumbnail_raw(2048)
+            h.update(np.ascontiguousarray(pixels).tobytes())
+            self._hash = h.hexdigest()[:16]
+        return self._hash
+
+    def close(self) -> None:
+        for handle in self._keep_open:
+            try:
+                handle.close()
+            except Exception:  # pragma: no cover - closing is best effort
+                pass
+        self._keep_open.clear()
+
+
+def check_pixel_size(value: float, source: str | None) -> float:
+    """Refuse impossible pixel sizes and warn on implausible ones."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SectionError(source, f"pixel size must be a number of micrometres, got {value!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise SectionError(source, f"pixel size must be a positive number of micrometres, got {value}")
+    lo, hi = PLAUSIBLE_PIXEL_UM
+    if value > 1e4:
+        raise SectionError(source, f"pixel size {value} um is absurd for a histology section (over 1 cm per pixel)")
+    if not lo <= value <= hi:
+        warnings.warn(f"{source}: pixel size {value} um is outside the usual {lo}-{hi} um range; "
+                      "check it", PixelSizeWarning, stacklevel=3)
+    return value
+
+
+def section_from_array(data: Any, pixel_size_um: float | None, name: str = "image") -> Section:
+    """A section from an in-memory or lazy array, or a list of them (a multiscale napari layer)."""
+    levels = list(data) if isinstance(data, (list, tuple)) else [data]
+    levels = [_squeeze_to_yx(np.asarray(a) if isinstance(a, (list, tuple)) else a, name) for a in levels]
+    return Section(name=name, levels=levels, pixel_size_um=pixel_size_um, source=None)
+
+
+def _squeeze_to_yx(arr: Any, source: str, plane: int | None = None) -> Any:
+    """Drop singleton leading axes; pick ``plane`` of a remaining stack, else refuse."""
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[2] not in (3, 4) and arr.shape[0] in (3, 4):
+        arr = arr.transpose(1, 2, 0)  # planar RGB
+    extra = arr.ndim - (3 if arr.ndim >= 3 and arr.shape[-1] in (3, 4) else 2)
+    if extra > 0:
+        lead = arr.shape[:extra]
+        if plane is None:
+            raise SectionError(source, f"the image is a stack of {int(np.prod(lead))} planes "
+                                       f"(shape {tuple(arr.shape)}); choose one with --plane / plane=")
+        if not 0 <= plane < int(np.prod(lead)):
+            raise SectionError(source, f"plane {plane} is out of range: the stack has {int(np.prod(lead))} planes")
+        arr = arr[np.unravel_index(plane, lead)]
+    return arr
+
+
+def open_section(path: str | Path, pixel_size_um: float | None = None, plane: int | None = None) -> Section:
+    """Open a section file lazily. ``pixel_size_um`` overrides what the file says."""
+    path = Path(path)
+    if not path.exists():
+        raise SectionError(path, "no such file")
+    if path.is_dir():
+        raise SectionError(path, "is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise SectionError(path, "the file is empty (0 bytes)")
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        section = _open_tiff(path, plane)
+    elif suffix in PIL_SUFFIXES:
+        section = _open_pil(path, plane)
+    else:
+        raise SectionError(path, f"unsupported file type '{suffix}' (use TIFF, OME-TIFF, SVS, PNG or JPEG)")
+    if pixel_size_um is not None:
+        section.pixel_size_um = check_pixel_size(pixel_size_um, str(path))
+    elif section.pixel_size_um is None:
+        warnings.warn(f"{path}: the file does not state its pixel size; give it in micrometres "
+                      "(--pixel-size) or tiles will have the wrong physical size", PixelSizeWarning, stacklevel=2)
+    return section
+
+
+def _open_pil(path: Path, plane: int | None) -> Section:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIL_PIXELS
+    try:
+        with Image.open(path) as im:
+            n_frames = getattr(im, "n_frames", 1)
+            if n_frames > 1 and plane is None:
+                raise SectionError(path, f"the image has {n_frames} frames; choose one with --plane")
+            if plane:
+                im.seek(plane)
+            if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "1"):
+                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+                if im.mode == "RGBA" and im.getextrema()[3][0] == 255:
+                    im = im.convert("RGB")
+            data = np.asarray(im)
+            dpi = im.info.get("dpi")
+    except SectionError:
+        raise
+    except Image.DecompressionBombError:
+        raise SectionError(path, f"the image is larger than {MAX_PIL_PIXELS} pixels; "
+                                 "convert it to a pyramidal TIFF") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise SectionError(path, f"not a readable image ({exc})") from None
+    if data.ndim == 3 and data.shape[2] == 2:
+        data = data[..., 0]
+    pixel_um = None
+    if dpi and path.suffix.lower() == ".png" and dpi[0] and abs(dpi[0] - 72) > 0.5 and abs(dpi[0] - 96) > 0.5:
+        pixel_um = 25400.0 / float(dpi[0])
+    return Section(name=path.stem, levels=[data], pixel_size_um=pixel_um, source=str(path))
+
+
+def _open_tiff(path: Path, plane: int | None) -> Section:
+    import tifffile
+    import zarr
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises many kinds on corrupt headers
+        raise SectionError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    try:
+        if not tif.series:
+            raise SectionError(path, "the TIFF holds no image series")
+        series = tif.series[0]
+        levels = []
+        for lev in series.levels:
+            store = lev.aszarr()
+            arr = zarr.open(store, mode="r")
+            if not hasattr(arr, "shape"):  # a group: take its first array
+                arr = arr[sorted(arr.array_keys())[0]]
+            levels.append(_squeeze_axes(arr, lev.axes, path, plane))
+        if np.prod(levels[0].shape[:2]) > 0 and levels[0].shape[0] * levels[0].shape[1] > 10 * path.stat().st_size * 1000:
+            # a header claiming far more pixels than the file could hold
+            _probe_first_tile(levels[-1], path)
+        pixel_um = _tiff_pixel_size(tif, series)
+    except SectionError:
+        tif.close()
+        raise
+    except Exception as exc:
+        tif.close()
+        raise SectionError(path, f"cannot read the TIFF ({type(exc).__name__}: {exc})") from None
+    return Section(name=_stem(path), levels=levels, pixel_size_um=pixel_um, source=str(path), _keep_open=[tif])
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _probe_first_tile(arr: Any, path: Path) -> None:
+    try:
+        np.asarray(arr[:1, :1])
+    except Exception as exc:
+        raise SectionError(path, f"the pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def _squeeze_axes(arr: Any, axes: str, path: Path, plane: int | None) -> Any:
+    """Bring a zarr array with tifffile ``axes`` to ``(Y, X)`` or ``(Y, X, S)``."""
+    import dask.array as da
+
+    arr = da.from_zarr(arr)
+    axes = axes.upper()
+    keep = [a for a in axes if a in "YXS"]
+    order = [axes.index(a) for a in axes if a not in "YXS"] + [axes.index(a) for a in keep]
+    arr = arr.transpose(order)
+    lead_axes = [a for a in axes if a not in "YXS"]
+    if "C" in lead_axes and "S" not in axes and arr.shape[lead_axes.index("C")] in (3, 4) \
+            and all(arr.shape[i] == 1 for i, a in enumerate(lead_axes) if a != "C"):
+        c = lead_axes.index("C")
+        arr = da.moveaxis(arr, c, -1)
+        arr = arr.reshape(arr.shape[-3:])
+        return arr
+    return _squeeze_to_yx(arr, str(path), plane)
+
+
+_SVS_MPP = re.compile(r"MPP\s*=\s*([0-9.eE+-]+)")
+
+
+def _tiff_pixel_size(tif: Any, series: Any) -> float | None:
+    """Micrometres per pixel from OME, SVS, ImageJ or TIFF resolution tags, if any."""
+    if tif.is_ome and tif.ome_metadata:
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+        if m:
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            factor = {"nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(unit.group(1) if unit else "µm", 1.0)
+            return float(m.group(1)) * factor
+    page = series.pages[0] if hasattr(series, "pages") else tif.pages[0]
+    desc = getattr(page, "description", "") or ""
+    m = _SVS_MPP.search(desc)
+    if m:
+        return float(m.group(1))
+    if tif.is_imagej and tif.imagej_metadata:
+        unit = str(tif.imagej_metadata.get("unit", "")).lower()
+        tag = page.tags.get("XResolution")
+        if tag and unit in ("micron", "um", "µm", "\\u00b5m"):
+            num, den = tag.value
+            if num:
+                return den / num
+    tags = page.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = int(tags["ResolutionUnit"].value)
+        if num and unit in (2, 3):
+            per_unit = num / den
+            return (25400.0 if unit == 2 else 10000.0) / per_unit
+    return None
+
+
+def open_sections(paths: Sequence[str | Path], pixel_size_um: float | None = None) -> list[Section]:
+    return [open_section(p, pixel_size_um) for p in paths]

@@ -1,0 +1,94 @@
+"""Region vocabularies: the Allen mouse coarse divisions and the 21 PCW fetal human preset."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .bundle import Region
+
+DATA_DIR = Path(__file__).parent / "data"
+
+# (id, acronym, name, Allen colour, parent chain, description) - descriptions are cytoarchitecture
+# in an anatomist's words, written for this project.
+_ALLEN = [
+    (1, "Isocortex", "Isocortex", "#70ff71", "cerebral cortex",
+     "six-layered neocortex with a cell-sparse molecular layer, a dense granular layer 4 and large pyramidal neurons in layer 5"),
+    (2, "OLF", "Olfactory areas", "#9ad2bd", "cerebral cortex",
+     "olfactory bulb and piriform cortex with concentric glomerular, mitral and granule cell layers"),
+    (3, "HPF", "Hippocampal formation", "#7ed04b", "cerebral cortex",
+     "hippocampus and dentate gyrus, thin curved bands of densely packed pyramidal and granule cells"),
+    (4, "CTXsp", "Cortical subplate", "#8ada87", "cerebral cortex",
+     "claustrum, endopiriform nucleus and basolateral amygdala, deep cell groups beneath the cortex"),
+    (5, "STR", "Striatum", "#98d6f9", "cerebral nuclei",
+     "caudoputamen and nucleus accumbens, a uniform field of medium-sized neurons crossed by pale fibre bundles"),
+    (6, "PAL", "Pallidum", "#8599cc", "cerebral nuclei",
+     "globus pallidus and septal nuclei, cell-sparse tissue with scattered large neurons among fibres"),
+    (7, "TH", "Thalamus", "#ff7080", "interbrain",
+     "a mosaic of thalamic nuclei with evenly spaced medium-sized neurons"),
+    (8, "HY", "Hypothalamus", "#e64438", "interbrain",
+     "small densely packed nuclei around the third ventricle at the base of the brain"),
+    (9, "MB", "Midbrain", "#ff64ff", "brain stem",
+     "superior and inferior colliculi, periaqueductal grey around the aqueduct and the midbrain tegmentum"),
+    (10, "P", "Pons", "#ff9b88", "hindbrain",
+     "pontine nuclei and pontine reticular formation with large scattered neurons"),
+    (11, "MY", "Medulla", "#ff9bcd", "hindbrain",
+     "medullary reticular formation, cranial nerve nuclei and the inferior olive"),
+    (12, "CB", "Cerebellum", "#f0f080", "cerebellum",
+     "cerebellar folia with a very dense granule cell layer, a row of Purkinje cells and a pale molecular layer"),
+    (13, "fiber tracts", "fiber tracts", "#cccccc", "white matter",
+     "myelinated fibre bundles such as the corpus callosum and internal capsule, nearly free of cell bodies"),
+    (14, "VS", "ventricular systems", "#aaaaaa", "ventricles",
+     "fluid-filled ventricles lined by ependyma, with choroid plexus"),
+]
+
+# Free-text paraphrases never used in training, for checking that queries generalise.
+ALLEN_PARAPHRASES = {
+    1: "layered neocortex", 2: "olfactory bulb", 3: "hippocampus and dentate gyrus",
+    4: "claustrum and amygdala", 5: "caudate putamen", 6: "globus pallidus",
+    7: "thalamic nuclei", 8: "nuclei around the third ventricle", 9: "colliculi and tectum",
+    10: "pontine nuclei", 11: "brainstem reticular formation", 12: "cerebellar cortex with folia",
+    13: "white matter", 14: "lateral ventricle",
+}
+
+
+def allen_mouse_regions() -> list[Region]:
+    """The 14 coarse Allen CCFv3 divisions used by the shipped model."""
+    return [Region(i, name, acr, color, desc, tuple(allen_prompts(name, acr, parent, desc)))
+            for i, acr, name, color, parent, desc in _ALLEN]
+
+
+def allen_prompts(name: str, acronym: str, parent: str, description: str) -> list[str]:
+    return [f"a Nissl-stained section of the {name}", f"{name} ({acronym}), part of the {parent}",
+            f"{name}: {description}"]
+
+
+def training_captions(region: Region) -> list[str]:
+    """Varied captions for one region (the prompts plus further phrasings)."""
+    extra = [f"Nissl histology of the mouse {region.name}", f"{region.acronym} region, cresyl violet stain",
+             f"a tile from the {region.name} of an adult mouse brain", region.description]
+    return list(dict.fromkeys([*region.texts(), *[e for e in extra if e]]))
+
+
+def fetal_human_regions(kind: str = "tissue") -> list[Region]:
+    """The 21 PCW fetal vocabulary (tissue zones or cortical regions) from the packaged LUT."""
+    if kind not in ("tissue", "cortical_region"):
+        raise ValueError("kind is 'tissue' or 'cortical_region'")
+    with open(DATA_DIR / "fetal_human_21pcw_structure_lut.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    names = sorted({r[kind] for r in rows if r[kind] not in ("???", "NO_LABEL", "brain_tissue")})
+    palette = _palette(len(names))
+    regions = []
+    for i, name in enumerate(names, start=1):
+        members = sorted({r["structure_name"] for r in rows if r[kind] == name})[:3]
+        label = name.replace("_", " ")
+        desc = "fetal " + label + (" (e.g. " + "; ".join(members) + ")" if members else "")
+        regions.append(Region(i, label, name, palette[i - 1], desc,
+                              (f"a Nissl-stained section of the fetal {label}", desc)))
+    return regions
+
+
+def _palette(n: int) -> list[str]:
+    import colorsys
+
+    return ["#%02x%02x%02x" % tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / max(n, 1), 0.55, 0.95))
+            for i in range(n)]

@@ -1,0 +1,270 @@
+"""Building and updating napari layers from predictions (all on the tile grid, never full resolution)."""
+from __future__ import annotations
+
+import colorsys
+from typing import Any, Sequence
+
+import numpy as np
+
+from .state import META_KEY, PredictionState, layer_alive, state_of
+
+TRANSPARENT = np.zeros(4, np.float32)
+HIGHLIGHT_RGBA = (1.0, 0.24, 0.96, 1.0)  # magenta: stands out on viridis
+REVIEW_RGBA = (1.0, 0.2, 0.2, 1.0)
+CANVAS_PX = 600.0
+
+
+# ---------------------------------------------------------------------------------------------
+# colours and tables
+
+def region_colormap(regions: Sequence[Any]):
+    """A direct colormap: every region its own colour, background and unknown ids transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors: dict = {None: TRANSPARENT, 0: TRANSPARENT}
+    colors.update({int(r.id): np.asarray(r.rgba(), np.float32) for r in regions})
+    return DirectLabelColormap(color_dict=colors)
+
+
+def features_table(regions: Sequence[Any], labels: np.ndarray | None = None,
+                   confidence: np.ndarray | None = None):
+    """One row per region (``index`` = label id): name, acronym and the model's mean confidence.
+
+    Shown by napari when hovering over a label (no counts: they would go stale as the user paints).
+    """
+    import pandas as pd
+
+    labels = None if labels is None else np.asarray(labels)
+    rows = []
+    for r in regions:
+        inside = (labels == r.id) if labels is not None else None
+        ok = confidence is not None and inside is not None and bool(inside.any())
+        conf = float(np.nanmean(confidence[inside])) if ok else float("nan")
+        rows.append({"index": int(r.id), "name": r.name, "acronym": r.acronym, "mean confidence": round(conf, 3)})
+    return pd.DataFrame(rows, columns=["index", "name", "acronym", "mean confidence"])
+
+
+def auto_color(existing: Sequence[str], seed: int) -> str:
+    """A saturated colour far (in hue) from the ``existing`` ones."""
+    used = []
+    for c in existing:
+        h = c.lstrip("#")
+        r, g, b = (int(h[i:i + 2], 16) / 255 for i in (0, 2, 4))
+        used.append(colorsys.rgb_to_hsv(r, g, b)[0])
+    candidates = [(seed * 0.618034 + k / 64) % 1.0 for k in range(64)]
+    def distance(hue):
+        return min((min(abs(hue - u), 1 - abs(hue - u)) for u in used), default=1.0)
+    hue = max(candidates, key=distance)
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+    return "#%02x%02x%02x" % (int(r * 255), int(g * 255), int(b * 255))
+
+
+def acronym_of(name: str) -> str:
+    words = [w for w in name.replace("-", " ").split() if w]
+    if len(words) == 1:
+        return words[0][:6]
+    return "".join(w[0].upper() for w in words)[:6]
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+
+def image_transform(layer: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The (y, x) ``scale`` and ``translate`` of an image layer's two spatial axes."""
+    scale = tuple(float(s) for s in layer.scale[-2:])
+    translate = tuple(float(t) for t in layer.translate[-2:])
+    return scale, translate
+
+
+def cell_world(state: PredictionState, cell: Sequence[int]) -> np.ndarray:
+    """World (y, x) of a grid cell's centre."""
+    t = state.transform
+    return np.asarray(t["translate"]) + np.asarray(cell, np.float64) * np.asarray(t["scale"])
+
+
+def focus_cell(viewer: Any, state: PredictionState, cell: Sequence[int], fov_cells: float = 24.0) -> None:
+    """Centre the camera on a cell, zoomed so that about ``fov_cells`` cells span the view."""
+    center = cell_world(state, cell)
+    cell_size = float(np.mean(state.transform["scale"]))
+    viewer.camera.center = tuple(float(v) for v in center)
+    # the canvas size is not public API: assume a canvas of about CANVAS_PX screen pixels
+    viewer.camera.zoom = float(CANVAS_PX / (fov_cells * cell_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+
+def _find(viewer: Any, layer: Any) -> Any:
+    return layer if layer_alive(viewer, layer) else None
+
+
+def create_labels_layer(viewer: Any, state: PredictionState, name: str, reuse: Any = None) -> Any:
+    """The grid-shaped Labels layer of a new run (reusing ``reuse`` if given), filled with 0."""
+    from napari.layers import Labels
+
+    data = np.zeros(tuple(state.grid.shape), np.uint16)
+    t = state.transform
+    if reuse is not None and layer_alive(viewer, reuse):
+        layer = reuse
+        old = state_of(layer)
+        for role, aux in (old.layers.items() if old is not None else ()):
+            if role != "labels" and layer_alive(viewer, aux):
+                viewer.layers.remove(aux)  # views of the old run: a new run starts clean
+        layer.data = data
+        layer.scale, layer.translate = t["scale"], t["translate"]
+    else:
+        layer = Labels(data, name=name, scale=t["scale"], translate=t["translate"], opacity=0.55)
+        viewer.add_layer(layer)
+    layer.colormap = region_colormap(state.regions)
+    layer.features = features_table(state.regions)
+    layer.editable = False  # batches write into it until the run ends
+    state.layers = {"labels": layer}
+    state.publish()
+    return layer
+
+
+def apply_batch(state: PredictionState, cells: np.ndarray, labels: np.ndarray, confidence: np.ndarray) -> None:
+    """Write one batch of tile labels into the state and its Labels layer."""
+    cells = np.asarray(cells)
+    if len(cells) == 0:
+        return
+    rr, cc = cells[:, 0], cells[:, 1]
+    state.predicted[rr, cc] = labels
+    state.tile_confidence[rr, cc] = confidence
+    layer = state.labels_layer
+    if layer is not None:
+        layer.data[rr, cc] = labels
+        layer.refresh()
+
+
+def finish_layers(viewer: Any, state: PredictionState) -> None:
+    """After a complete run: final labels, features, colours and the confidence layer."""
+    pred = state.prediction
+    state.predicted = np.asarray(pred.labels, np.uint16).copy()
+    layer = state.labels_layer
+    if layer is not None and layer_alive(viewer, layer):
+        layer.data = state.predicted.copy()
+        layer.editable = True
+        refresh_region_layers(viewer, state)
+        _confidence_layer(viewer, state)
+        viewer.layers.selection.active = layer
+    state.publish()
+
+
+def _confidence_layer(viewer: Any, state: PredictionState) -> Any:
+    from napari.layers import Image
+
+    t = state.transform
+    conf = np.asarray(state.prediction.confidence, np.float32)
+    name = f"cytoclip confidence ({state.image_name})"
+    layer = _find(viewer, state.layers.get("confidence"))
+    if layer is None:
+        layer = Image(conf, name=name, scale=t["scale"], translate=t["translate"], colormap="magma",
+                      contrast_limits=(0.0, 1.0), opacity=0.7, visible=False,
+                      metadata={META_KEY: {"role": "confidence", "image": state.image_name}})
+        index = list(viewer.layers).index(state.labels_layer)
+        viewer.layers.insert(index, layer)  # below the labels
+    else:
+        layer.data = conf
+        layer.contrast_limits = (0.0, 1.0)
+    state.layers["confidence"] = layer
+    return layer
+
+
+def refresh_region_layers(viewer: Any, state: PredictionState) -> None:
+    """Colours and hover table of the Labels layer for the current vocabulary and data."""
+    layer = state.labels_layer
+    if layer is None or not layer_alive(viewer, layer):
+        return
+    conf = state.prediction.confidence if state.prediction is not None else state.tile_confidence
+    layer.colormap = region_colormap(state.regions)
+    layer.features = features_table(state.regions, np.asarray(layer.data), conf)
+    if state.prediction is not None and layer_alive(viewer, state.layers.get("confidence")):
+        state.layers["confidence"].data = np.asarray(state.prediction.confidence, np.float32)
+    layer.refresh()
+
+
+def transparent_low_viridis():
+    """viridis whose lowest value is transparent (cells outside the tissue)."""
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    base = np.asarray(ensure_colormap("viridis").colors, np.float32)
+    colors = np.concatenate([[[0.0, 0.0, 0.0, 0.0]], base], 0)
+    controls = np.concatenate([[0.0], np.linspace(0.002, 1.0, len(base))])
+    return Colormap(colors=colors, controls=controls, name="viridis_tissue", interpolation="linear")
+
+
+def query_layers(viewer: Any, state: PredictionState, text: str, similarity: np.ndarray,
+                 threshold: float) -> tuple[Any, Any]:
+    """Show a similarity grid as a heatmap ``query: <text>`` and its above-threshold highlight.
+
+    One heatmap and one highlight layer per prediction, reused from query to query.
+    """
+    from napari.layers import Image, Labels
+    from napari.utils.colormaps import DirectLabelColormap
+
+    t = state.transform
+    finite = np.isfinite(similarity)
+    lo = float(similarity[finite].min()) if finite.any() else 0.0
+    hi = float(similarity[finite].max()) if finite.any() else 1.0
+    floor = lo - max(hi - lo, 1e-6) * 0.01  # outside tissue: just below the lowest, drawn transparent
+    shown = np.where(finite, similarity, floor).astype(np.float32)
+    name = f"query: {text}"
+    heat = _find(viewer, state.layers.get("query"))
+    meta = {META_KEY: {"role": "query", "text": text, "image": state.image_name, "similarity": similarity}}
+    if heat is None:
+        heat = Image(shown, name=name, scale=t["scale"], translate=t["translate"],
+                     colormap=transparent_low_viridis(), contrast_limits=(floor, hi if hi > floor else floor + 1e-6),
+                     opacity=0.75, metadata=meta)
+        viewer.add_layer(heat)
+    else:
+        heat.data = shown
+        heat.contrast_limits = (floor, hi if hi > floor else floor + 1e-6)
+        heat.name = name
+        heat.metadata.update(meta)
+    state.layers["query"] = heat
+    high = _find(viewer, state.layers.get("highlight"))
+    mask = highlight_mask(similarity, threshold)
+    if high is None:
+        high = Labels(mask, name=f"query highlight ({state.image_name})", scale=t["scale"],
+                      translate=t["translate"], opacity=0.6,
+                      colormap=DirectLabelColormap(color_dict={None: TRANSPARENT, 0: TRANSPARENT,
+                                                               1: np.asarray(HIGHLIGHT_RGBA, np.float32)}))
+        high.editable = False
+        viewer.add_layer(high)
+    else:
+        high.data = mask
+    state.layers["highlight"] = high
+    if state.labels_layer is not None and layer_alive(viewer, state.labels_layer):
+        viewer.layers.selection.active = state.labels_layer
+    return heat, high
+
+
+def highlight_mask(similarity: np.ndarray, threshold: float) -> np.ndarray:
+    """1 where a cell's similarity reaches ``threshold`` (never outside the tissue)."""
+    with np.errstate(invalid="ignore"):
+        return (np.isfinite(similarity) & (similarity >= threshold)).astype(np.uint8)
+
+
+def review_marker(viewer: Any, state: PredictionState, cell: Sequence[int]) -> Any:
+    """A Shapes layer with one rectangle around the cell under review."""
+    from napari.layers import Shapes
+
+    center = cell_world(state, cell)
+    half = np.asarray(state.transform["scale"]) / 2
+    rect = np.array([center - half, [center[0] - half[0], center[1] + half[1]], center + half,
+                     [center[0] + half[0], center[1] - half[1]]])
+    layer = _find(viewer, state.layers.get("review"))
+    if layer is None:
+        layer = Shapes([rect], shape_type="rectangle", name=f"review tile ({state.image_name})",
+                       edge_color=[REVIEW_RGBA], face_color=[TRANSPARENT],
+                       edge_width=float(np.mean(half)) * 0.15)
+        viewer.add_layer(layer)
+    else:
+        layer.data = [rect]
+        layer.edge_color = [REVIEW_RGBA]
+        layer.face_color = [TRANSPARENT]
+    state.layers["review"] = layer
+    if state.labels_layer is not None and layer_alive(viewer, state.labels_layer):
+        viewer.layers.selection.active = state.labels_layer
+    return layer

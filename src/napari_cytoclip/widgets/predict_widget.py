@@ -1,0 +1,606 @@
+"""The Predict regions widget: run the model over an image, then review, correct and identify."""
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Generator
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QHBoxLayout, QPlainTextEdit, QVBoxLayout, QWidget
+
+from .common import (LayerChoices, WorkerFailure, drive, group, image_layer_choices, message_of, pixel_size_of,
+                     section_for_layer, shipped_bundle_path, status_label)
+from .layers import apply_batch, create_labels_layer, finish_layers, focus_cell, image_transform, review_marker
+from .legend import RegionLegend
+from .state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,
+                    state_of)
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+BATCH_SIZE = 64
+TOP_K = 5
+
+
+def prediction_steps(state: PredictionState, device: str, batch_size: int,
+                     cache: Path | None = None) -> Generator:
+    """Load the model if needed (yields ``("model", model)``), then yield BatchResults; returns the Prediction.
+
+    With ``cache``: a cache there made for this image, model and grid is loaded instead of
+    predicting (yields ``("cached", folder)``); otherwise the new prediction is saved there
+    (an older cache in that folder is replaced). Runs in the worker thread; it only reads
+    ``state``'s inputs and never touches layers.
+    """
+    from ..cache import expected_signature, is_cache, load_prediction, save_prediction
+    from ..errors import CacheMismatch
+    from ..model import load_model
+    from ..predict import predict_iter
+
+    model = state.model
+    if model is None:
+        model = load_model(state.bundle, device=device, precision="auto")
+        yield ("model", model)
+    if cache is not None and is_cache(cache):
+        try:
+            prediction = load_prediction(cache, expected_signature(state.section, state.bundle, state.grid),
+                                         lazy=False)
+        except CacheMismatch:
+            prediction = None  # another image, model or grid: predict and replace it
+        if prediction is not None:
+            yield ("cached", cache)
+            return prediction
+    inner = predict_iter(state.section, model, stride_um=state.stride_um, batch_size=batch_size)
+    prediction = yield from inner
+    if cache is not None:
+        save_prediction(prediction, cache)
+        yield ("saved", cache)
+    return prediction
+
+
+class PredictWidget(QWidget):
+    """Predict brain regions on an image layer, stream them into a grid Labels layer, review and identify.
+
+    State: loaded models are cached on the widget (``_models``, keyed by bundle folder and device);
+    each run has its own :class:`PredictionState`, stored in its Labels layer's
+    ``metadata["cytoclip"]``. The legend, review queue and identify box act on the prediction of
+    the active cytoclip Labels layer (or the latest run).
+    """
+
+    def __init__(self, napari_viewer: Any):
+        super().__init__()
+        self.viewer = napari_viewer
+        self._models: dict[tuple, Any] = {}
+        self._worker = None
+        self._running: PredictionState | None = None
+        self._state: PredictionState | None = None
+        self._model_for_info: str | None = None
+
+        self.image = ComboBox(label="Image", choices=image_layer_choices(napari_viewer),
+                              tooltip="The Nissl section to classify")
+        self.model_path = FileEdit(label="Model", mode="d", nullable=True, value=None,
+                                   tooltip="A model bundle folder; leave empty for the shipped model")
+        self.model_info = Label(value="")
+        self.device = ComboBox(label="Device", choices=DEVICES, value="auto")
+        self.stride = FloatSpinBox(label="Stride (µm)", min=1.0, max=100000.0, step=10.0, value=100.0,
+                                   tooltip="Grid step: one label per stride x stride square (default: the model's)")
+        self.pixel_size = FloatSpinBox(label="Pixel size (µm)", min=0.0, max=10000.0, step=0.001, value=0.0,
+                                       tooltip="Micrometres per image pixel (from the layer scale or metadata)")
+        self.cache = FileEdit(label="Cache", mode="d", nullable=True, value=None,
+                              tooltip="Optional folder for the tile embeddings: a rerun on the same image, "
+                                      "model and stride loads them instead of predicting again")
+        self.form = Container(widgets=[self.image, self.model_path, self.model_info, self.device,
+                                       self.stride, self.pixel_size, self.cache], labels=True)
+        self.model_path.line_edit.native.setPlaceholderText("shipped model")
+        self.cache.line_edit.native.setPlaceholderText("optional: keeps tile embeddings for reruns")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, label="")
+        self.status = status_label("Choose an image and press Run.")
+
+        self.legend = RegionLegend()
+        self.review_button = PushButton(text="Next uncertain tile")
+        self.review_status = status_label("Shows the least confident tiles one by one; "
+                                          "reviewed tiles export as confirmed unless you repaint them.")
+        self.identify_button = PushButton(text="Identify selection")
+        self.identify_text = QPlainTextEdit()
+        self.identify_text.setReadOnly(True)
+        self.identify_text.setPlaceholderText("Select a label (or draw and select a shape) and press "
+                                              "Identify: the 5 most likely regions for those tiles.")
+        self.identify_text.setMaximumHeight(110)
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button.native)
+        buttons.addWidget(self.cancel_button.native)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self.form.native)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress.native)
+        layout.addWidget(self.status)
+        layout.addWidget(group("Regions (click to paint)", self.legend))
+        layout.addWidget(group("Review queue", self.review_button.native, self.review_status))
+        layout.addWidget(group("Identify selection", self.identify_button.native, self.identify_text))
+        layout.addStretch(1)
+
+        self._legend_timer = QTimer(self)  # repaint strokes refresh the legend's shares, debounced
+        self._legend_timer.setSingleShot(True)
+        self._legend_timer.setInterval(300)
+        self._legend_timer.timeout.connect(self._refresh_legend)
+        self._painted_layer = None
+
+        self._choices = LayerChoices(napari_viewer, self.image)
+        self.image.changed.connect(self._on_image_changed)
+        self.model_path.changed.connect(self._refresh_model_info)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.legend.region_clicked.connect(self.paint_with)
+        self.review_button.changed.connect(self.next_uncertain)
+        self.identify_button.changed.connect(self.identify_selection)
+        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
+        napari_viewer.layers.selection.events.active.connect(self._on_active_layer)
+        self._refresh_model_info()
+        self._on_image_changed()
+
+    # ------------------------------------------------------------------ model and inputs
+    def model_folder(self) -> Path | None:
+        """The chosen bundle folder, or None for the shipped model."""
+        return _folder_value(self.model_path.value)
+
+    def cache_folder(self) -> Path | None:
+        """The embedding cache folder, or None for no cache."""
+        return _folder_value(self.cache.value)
+
+    def set_model_path(self, path: str | Path | None) -> None:
+        """Use the bundle in ``path`` (None: the shipped model) for the next run."""
+        self.model_path.value = None if path is None else str(path)
+        self._refresh_model_info()
+
+    def bundle(self):
+        """The chosen model's description (reads cytoclip.json only; raises BundleError)."""
+        from ..bundle import BUNDLE_WEIGHTS, load_bundle
+        from ..errors import BundleError
+
+        folder = self.model_folder()
+        if folder is None:
+            folder = shipped_bundle_path()
+            if not (folder / BUNDLE_WEIGHTS).is_file():
+                raise BundleError(folder, "the shipped model is not installed; choose a model bundle folder")
+        return load_bundle(folder)
+
+    def _refresh_model_info(self, *_: Any) -> None:
+        key = str(self.model_folder())
+        try:
+            bundle = self.bundle()
+        except Exception as exc:  # shown in the widget, not raised: the user may fix it
+            self.model_info.value = f"⚠ {message_of(exc)}"
+            self.model_info.tooltip = message_of(exc)
+            return
+        scales = "/".join(f"{s:g}" for s in bundle.input.scales_um)
+        self.model_info.value = f"{bundle.name}: {len(bundle.regions)} regions, {scales} µm context"
+        self.model_info.tooltip = bundle.description or str(bundle.path)
+        if key != self._model_for_info:
+            self.stride.value = float(bundle.stride_um)
+            self._model_for_info = key
+
+    def _on_image_changed(self, *_: Any) -> None:
+        layer = self.image.value
+        if layer is not None:
+            px = pixel_size_of(layer)
+            self.pixel_size.value = px if px else 0.0
+
+    # ------------------------------------------------------------------ running
+    def _prepare(self) -> tuple[PredictionState, Generator] | None:
+        """Check the inputs, create the state and the (empty) Labels layer; None after an error."""
+        from ..grid import TileGrid
+        from ..sections import check_pixel_size
+
+        try:
+            layer = self.image.value
+            if layer is None:
+                raise ValueError("choose an image layer to classify")
+            px = float(self.pixel_size.value)
+            if not px > 0:
+                raise ValueError(f"set the pixel size of '{layer.name}' in micrometres per pixel")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                check_pixel_size(px, layer.name)
+            for w in caught:
+                self._warn(str(w.message))
+            bundle = self.bundle()
+            stride = float(self.stride.value) or float(bundle.stride_um)
+            section = section_for_layer(layer, px)
+            grid = TileGrid.covering(section.shape, px, stride)
+        except Exception as exc:
+            self._error(f"Cannot predict: {message_of(exc)}")
+            return None
+        scale, translate = image_transform(layer)
+        device = str(self.device.value)
+        key = (str(bundle.path), device)
+        state = PredictionState(image_name=layer.name, section=section, grid=grid, bundle=bundle, model_key=key,
+                                stride_um=stride, image_scale=scale, image_translate=translate)
+        state.model = self._models.get(key)
+        name = f"cytoclip regions ({layer.name})"
+        create_labels_layer(self.viewer, state, name, reuse=self._reusable_layer(name))
+        self._set_current(state)
+        return state, prediction_steps(state, device, BATCH_SIZE, self.cache_folder())
+
+    def _reusable_layer(self, name: str):
+        """An earlier result layer of the same name that holds no corrections (a rerun starts clean in it)."""
+        for layer in prediction_layers(self.viewer):
+            old = state_of(layer)
+            if layer.name == name and old is not None and old.status != RUNNING:
+                if old.status != COMPLETE or not old.edited_mask(layer.data).any():
+                    return layer
+        return None
+
+    def run(self, *_: Any) -> PredictionState | None:
+        """Start a prediction in a thread worker; returns its state (None if the inputs are wrong)."""
+        from napari.qt.threading import create_worker
+
+        if self._worker is not None:
+            self._warn("A prediction is already running; cancel it first.")
+            return None
+        prepared = self._prepare()
+        if prepared is None:
+            return None
+        state, steps = prepared
+        worker = create_worker(drive, steps, _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(partial(self._on_yielded, state))
+        worker.returned.connect(partial(self._on_returned, state))
+        worker.aborted.connect(partial(self._on_aborted, state))
+        worker.finished.connect(partial(self._on_finished, state, steps))
+        self._worker, self._running = worker, state
+        self._set_running(True)
+        worker.start()
+        return state
+
+    def run_blocking(self) -> PredictionState | None:
+        """The same prediction, run to the end in the calling (main) thread: for scripts and tests."""
+        prepared = self._prepare()
+        if prepared is None:
+            return None
+        state, steps = prepared
+        self._running = state
+        self._set_running(True)
+        try:
+            while True:
+                self._on_yielded(state, next(steps))
+        except StopIteration as stop:
+            self._on_returned(state, stop.value)
+        except Exception as exc:
+            self._on_errored(state, exc)
+        finally:
+            self._on_finished(state, steps)
+        return state
+
+    @property
+    def worker(self):
+        """The running thread worker, if any."""
+        return self._worker
+
+    def cancel(self, *_: Any) -> None:
+        """Stop the running prediction at the next batch; the layer keeps what was done."""
+        if self._worker is not None:
+            self.status.setText("Cancelling…")
+            self._worker.quit()
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.enabled = not running
+        self.cancel_button.enabled = running
+        if running:
+            self.progress.max, self.progress.value = 1, 0
+            self.status.setText("Loading the model…")
+
+    # ------------------------------------------------------------------ worker handlers (main thread)
+    def _alive(self) -> bool:
+        """False once Qt has deleted this widget (the viewer was closed while a worker ran)."""
+        try:
+            self.objectName()
+        except RuntimeError:
+            return False
+        return True
+
+    def _on_yielded(self, state: PredictionState, item: Any) -> None:
+        if not self._alive():  # the viewer closed under a running worker: stop it quietly
+            if self._worker is not None:
+                self._worker.quit()
+            state.status = CANCELLED
+            return
+        if isinstance(item, tuple) and item and item[0] == "model":
+            self._models[state.model_key] = item[1]
+            state.model = item[1]
+            self.status.setText("Classifying tiles…")
+            return
+        if isinstance(item, tuple) and item and item[0] in ("cached", "saved"):
+            state.message = f"embeddings {'loaded from' if item[0] == 'cached' else 'saved to'} {item[1]}"
+            return
+        if state.status != RUNNING:
+            return
+        if not layer_alive(self.viewer, state.labels_layer):
+            state.set_status(CANCELLED, "the Labels layer was closed")
+            if self._worker is not None and self._running is state:
+                self._worker.quit()
+            return
+        apply_batch(state, item.cells, item.labels, item.confidence)
+        state.done, state.total = int(item.done), int(item.total)
+        if self._running is state:
+            self.progress.max = max(state.total, 1)
+            self.progress.value = state.done
+            self.status.setText(f"{state.done} / {state.total} tissue tiles classified")
+        state.changed.emit("batch")
+
+    def _on_returned(self, state: PredictionState, prediction: Any) -> None:
+        if not self._alive():
+            return
+        if isinstance(prediction, WorkerFailure):
+            self._on_errored(state, prediction.exc)
+            return
+        if state.status != RUNNING or prediction is None:
+            return
+        if state.model is None:
+            state.model = self._models.get(state.model_key)
+        prediction.complete = True
+        state.prediction = prediction
+        state.done = state.total = len(prediction.cells)
+        alive = layer_alive(self.viewer, state.labels_layer)
+        state.status = COMPLETE if alive else CANCELLED
+        if alive:
+            finish_layers(self.viewer, state)
+        state.publish()
+        state.changed.emit("complete")
+        if self._state is state:
+            self._refresh_legend()
+        if self._running is state:
+            self.progress.max = self.progress.value = max(state.total, 1)
+            rate = prediction.timings.get("tiles_per_s", 0.0)
+            how = "embeddings from the cache" if state.message.startswith("embeddings loaded") \
+                else f"{rate:.0f} tiles/s"
+            self.status.setText(f"Done: {state.total} tiles on a {state.grid.shape[0]}×{state.grid.shape[1]} grid "
+                                f"of {state.stride_um:g} µm ({how}). Hover to see region names; "
+                                "paint to correct.")
+
+    def _on_errored(self, state: PredictionState, exc: BaseException) -> None:
+        state.set_status(FAILED, message_of(exc))
+        layer = state.labels_layer
+        if state.done == 0 and layer_alive(self.viewer, layer):
+            self.viewer.layers.remove(layer)  # nothing in it: do not leave an empty result behind
+        elif layer is not None:
+            layer.editable = True
+        self._error(f"Prediction failed: {message_of(exc)}")
+
+    def _on_aborted(self, state: PredictionState) -> None:
+        if self._alive():
+            self._mark_cancelled(state)
+        else:
+            state.status = CANCELLED
+
+    def _mark_cancelled(self, state: PredictionState) -> None:
+        if state.status == RUNNING:
+            state.set_status(CANCELLED, f"cancelled after {state.done} of {state.total} tiles")
+        layer = state.labels_layer
+        if layer is not None:
+            layer.editable = True
+        if self._running is state:
+            self.status.setText(f"Cancelled after {state.done} of {state.total} tiles: the layer shows the "
+                                "tiles done so far (marked incomplete; run again to finish).")
+
+    def _on_finished(self, state: PredictionState, steps: Generator) -> None:
+        try:
+            steps.close()  # stops the reader thread of a quit generator now, not at garbage collection
+        except ValueError:  # still executing in the worker (cannot happen after finished)
+            pass
+        if not self._alive():  # the widget was deleted while the worker ran
+            state.status = CANCELLED if state.status == RUNNING else state.status
+            self._worker, self._running = None, None
+            return
+        if state.status == RUNNING:  # quit between the last batch and the return
+            self._mark_cancelled(state)
+        if self._running is state:
+            self._worker, self._running = None, None
+            self._set_running(False)
+
+    def _on_layer_removed(self, event: Any) -> None:
+        layer = getattr(event, "value", None)
+        running = self._running
+        if running is not None and layer is running.labels_layer and self._worker is not None:
+            self._worker.quit()
+        if self._state is not None and layer is self._state.labels_layer:
+            self._set_current(None)
+
+    def _on_active_layer(self, event: Any) -> None:
+        state = state_of(getattr(event, "value", None))
+        if state is not None and state is not self._state:
+            self._set_current(state)
+
+    # ------------------------------------------------------------------ current prediction
+    @property
+    def current(self) -> PredictionState | None:
+        """The prediction the legend, review queue and identify box act on."""
+        return self._state
+
+    def _set_current(self, state: PredictionState | None) -> None:
+        if self._state is not None:
+            self._state.changed.disconnect(self._on_state_changed)
+        if self._painted_layer is not None:
+            self._painted_layer.events.paint.disconnect(self._on_paint)
+            self._painted_layer = None
+        self._state = state
+        if state is not None:
+            state.changed.connect(self._on_state_changed)
+            if state.labels_layer is not None:
+                self._painted_layer = state.labels_layer
+                self._painted_layer.events.paint.connect(self._on_paint)  # a cue only: the payload is not read
+        self._refresh_legend()
+        self._refresh_review_text()
+
+    def _on_paint(self, *_: Any) -> None:
+        self._legend_timer.start()
+
+    def _on_state_changed(self, what: str) -> None:
+        if what in ("regions", "complete"):
+            self._refresh_legend()
+        if what in ("reviewed", "complete", "regions"):
+            self._refresh_review_text()
+
+    def _refresh_legend(self) -> None:
+        state = self._state
+        if state is None:
+            self.legend.set_regions([])
+            return
+        labels = np.asarray(state.labels_layer.data) if state.complete and state.labels_layer is not None else None
+        self.legend.set_regions(state.regions, labels)
+
+    def _refresh_review_text(self) -> None:
+        state = self._state
+        if state is None or not state.complete:
+            return
+        n = int(state.reviewed.sum())
+        if n:
+            self.review_status.setText(f"Reviewed {n} of {len(state.prediction.cells)} tiles.")
+
+    # ------------------------------------------------------------------ legend, review, identify
+    def paint_with(self, region_id: int) -> None:
+        """Select ``region_id`` as the paint label of the current Labels layer and switch to painting."""
+        state = self._state
+        layer = state.labels_layer if state is not None else None
+        if not layer_alive(self.viewer, layer):
+            self._warn("Run a prediction first: there is no region layer to paint in.")
+            return
+        layer.selected_label = int(region_id)
+        self.viewer.layers.selection.active = layer
+        if layer.editable:
+            layer.mode = "paint"
+        region = state.region(region_id)
+        self.status.setText(f"Painting {region.name if region else region_id} (id {region_id}).")
+
+    def next_uncertain(self, *_: Any) -> tuple[int, int] | None:
+        """Move to the least confident tile not yet reviewed and mark it reviewed."""
+        state = self._complete_state()
+        if state is None:
+            return None
+        pred = state.prediction
+        cells = np.asarray(pred.cells)
+        todo = cells[~state.reviewed[cells[:, 0], cells[:, 1]]]
+        if len(todo) == 0:
+            self.review_status.setText("Every tile has been reviewed.")
+            return None
+        conf = pred.confidence[todo[:, 0], todo[:, 1]]
+        r, c = (int(v) for v in todo[int(np.argmin(conf))])
+        state.reviewed[r, c] = True
+        state.publish()
+        state.changed.emit("reviewed")
+        focus_cell(self.viewer, state, (r, c))
+        review_marker(self.viewer, state, (r, c))
+        label = int(np.asarray(state.labels_layer.data)[r, c])
+        region = state.region(label)
+        self.review_status.setText(
+            f"Tile ({r}, {c}): {region.name if region else 'no region'}, {pred.confidence[r, c]:.0%} confident. "
+            f"Reviewed {int(state.reviewed.sum())} of {len(cells)} tiles. Repaint it if it is wrong; "
+            "otherwise it exports as confirmed.")
+        return r, c
+
+    def identify_selection(self, *_: Any) -> list[tuple[Any, float, float]] | None:
+        """Top regions for the selected shape's tiles, or else for all tiles of the selected label."""
+        state = self._complete_state()
+        if state is None:
+            return None
+        try:
+            mask, what = self._selection_mask(state)
+        except ValueError as exc:
+            self._warn(str(exc))
+            self.identify_text.setPlainText(str(exc))
+            return None
+        pred = state.prediction
+        cells = np.asarray(pred.cells)
+        idx = np.flatnonzero(mask[cells[:, 0], cells[:, 1]])
+        if len(idx) == 0:
+            self.identify_text.setPlainText(f"No classified tissue tiles in {what}.")
+            return None
+        model = state.model or self._models.get(state.model_key)
+        emb = np.asarray(pred.embeddings[idx], np.float32).mean(0)
+        emb /= max(float(np.linalg.norm(emb)), 1e-12)
+        region_emb = model.region_embeddings(state.regions)
+        cos = region_emb @ emb
+        logits = model.logit_scale * cos
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        order = np.argsort(-p)[:TOP_K]
+        top = [(state.regions[i], float(p[i]), float(cos[i])) for i in order]
+        lines = [f"{len(idx)} tiles of {what}:"]
+        for rank, (region, prob, c) in enumerate(top, 1):
+            acr = f" ({region.acronym})" if region.acronym and region.acronym != region.name else ""
+            lines.append(f"{rank}. {region.name}{acr}  {prob:.0%}  (cosine {c:.3f})")
+        self.identify_text.setPlainText("\n".join(lines))
+        return top
+
+    def _selection_mask(self, state: PredictionState) -> tuple[np.ndarray, str]:
+        from napari.layers import Shapes
+
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Shapes) and active.selected_data:
+            mask = shapes_to_grid(active, sorted(active.selected_data), state)
+            return mask, f"the selected shape{'s' if len(active.selected_data) > 1 else ''}"
+        layer = state.labels_layer
+        if not layer_alive(self.viewer, layer):
+            raise ValueError("The region layer was closed.")
+        label = int(layer.selected_label)
+        region = state.region(label)
+        mask = np.asarray(layer.data) == label
+        if not mask.any():
+            raise ValueError(f"No tile carries the selected label {label}; pick a label (or select a shape).")
+        return mask, f"label {label}" + (f" ({region.name})" if region else "")
+
+    def _complete_state(self) -> PredictionState | None:
+        state = self._state
+        if state is None or not state.complete:
+            self._warn("Run a prediction to the end first (a cancelled run has no tile embeddings).")
+            return None
+        if not layer_alive(self.viewer, state.labels_layer):
+            self._warn("The region layer of this prediction was closed.")
+            return None
+        return state
+
+    # ------------------------------------------------------------------ messages
+    def _error(self, text: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(f"⚠ {text}")
+        show_error(text)
+
+    def _warn(self, text: str) -> None:
+        from napari.utils.notifications import show_warning
+
+        self.status.setText(f"⚠ {text}")
+        show_warning(text)
+
+
+def _folder_value(value: Any) -> Path | None:
+    """A FileEdit's folder, or None when it is empty."""
+    text = "" if value is None else str(value).strip()
+    return None if text in ("", ".") else Path(text)
+
+
+def shapes_to_grid(shapes: Any, indices: list[int], state: PredictionState) -> np.ndarray:
+    """Grid cells whose centres lie inside the given shapes (polygons, rectangles, ellipses)."""
+    from matplotlib.path import Path as MplPath
+
+    t = state.transform
+    rows, cols = state.grid.shape
+    rr, cc = np.indices((rows, cols))
+    centres = np.stack([rr.ravel(), cc.ravel()], 1).astype(np.float64)
+    mask = np.zeros(rows * cols, bool)
+    for i in indices:
+        verts = np.asarray(shapes.data[i], np.float64)[:, -2:]
+        world = np.array([np.asarray(shapes.data_to_world(v))[-2:] for v in verts])
+        grid_pts = (world - np.asarray(t["translate"])) / np.asarray(t["scale"])
+        kind = shapes.shape_type[i]
+        if kind in ("line", "path"):
+            continue
+        if kind == "ellipse":
+            lo, hi = grid_pts.min(0), grid_pts.max(0)
+            centre, radius = (lo + hi) / 2, (hi - lo) / 2
+            angle = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+            grid_pts = centre + np.stack([np.sin(angle), np.cos(angle)], 1) * radius
+        mask |= MplPath(grid_pts).contains_points(centres)
+    return mask.reshape(rows, cols)

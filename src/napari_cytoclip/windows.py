@@ -1,0 +1,82 @@
+"""Cutting model-input windows out of a section, at one or several physical scales.
+
+Every window is cut from the pyramid level nearest its target resolution, at integer pixel
+offsets that depend only on its centre, then resized with antialiasing: the result for a
+window never depends on which other windows were read with it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bundle import InputSpec
+from .sections import Section
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class WindowReader:
+    """Reads uint8 ``(n, size, size, 3)`` model inputs centred on level-0 pixel positions."""
+
+    def __init__(self, section: Section, spec: InputSpec, polarity: str):
+        self.section = section
+        self.spec = spec
+        self.invert = polarity != spec.polarity
+        self.background = 1.0 if spec.polarity == "brightfield" else 0.0
+        px = section.require_pixel_size()
+        self.plans = []
+        for scale_um in spec.scales_um:
+            level = section.level_for(scale_um / spec.size)
+            ds = section.downsample(level)
+            crop = max(1, int(round(scale_um / (px * ds))))
+            self.plans.append((level, ds, crop))
+
+    def read(self, centers_px: np.ndarray) -> np.ndarray:
+        """Windows for level-0 ``(y, x)`` centres, in the model's polarity and channel layout."""
+        centers_px = np.asarray(centers_px, dtype=np.float64).reshape(-1, 2)
+        n, size = len(centers_px), self.spec.size
+        if n == 0:
+            return np.zeros((0, size, size, 3), np.uint8)
+        planes = [self._scale_windows(centers_px, *plan) for plan in self.plans]
+        if self.spec.mode == "rgb":
+            out = planes[0]
+        elif len(planes) == 1:
+            out = np.repeat(planes[0][..., None], 3, axis=-1)
+        else:
+            out = np.stack(planes, axis=-1)
+        return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+    def _scale_windows(self, centers_px: np.ndarray, level: int, ds: float, crop: int) -> np.ndarray:
+        corners = np.rint((centers_px + 0.5) / ds - 0.5 - crop / 2).astype(np.int64)
+        y0, x0 = corners.min(0)
+        y1, x1 = corners.max(0) + crop
+        region = self.section.read(level, int(y0), int(y1), int(x0), int(x1))
+        region = self._to_model_space(region)
+        rgb = region.ndim == 3
+        view = np.lib.stride_tricks.sliding_window_view(region, (crop, crop), axis=(0, 1))
+        crops = view[corners[:, 0] - y0, corners[:, 1] - x0]  # (n, [3,] crop, crop)
+        return resize_batch(crops, self.spec.size, channels_first=rgb)
+
+    def _to_model_space(self, region: np.ndarray) -> np.ndarray:
+        """Gray (or RGB for rgb models), model polarity, background where the image ends."""
+        if self.spec.mode != "rgb" and region.ndim == 3:
+            region = region @ LUMA
+        if self.spec.mode == "rgb" and region.ndim == 2:
+            region = np.repeat(region[..., None], 3, axis=-1)
+        if self.invert:
+            region = 1.0 - region
+        region[np.isnan(region)] = self.background
+        return region
+
+
+def resize_batch(crops: np.ndarray, size: int, channels_first: bool = False) -> np.ndarray:
+    """Antialiased bilinear resize of ``(n, [C,] h, w)`` float crops to ``(n, size, size[, C])``."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
+    if not channels_first:
+        x = x[:, None]
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = x.numpy()
+    return out[:, 0] if not channels_first else out.transpose(0, 2, 3, 1)

@@ -72,7 +72,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, epochs: 
 
 def evaluate_probe(model, classify, plates, stride_um: float) -> np.ndarray:
     """Pixelwise confusion (16x16) of the probe on ``plates``."""
-    from napari_cytoclip.evaluate import grid_to_pixels
+    from napari_cytoclip.evaluate import pixel_confusion
 
     cm = np.zeros((16, 16), np.int64)
     for plate in plates:
@@ -84,10 +84,7 @@ def evaluate_probe(model, classify, plates, stride_um: float) -> np.ndarray:
                                for i in range(0, len(cells), 256)]) if len(cells) else np.zeros(0, int)
         labels = np.zeros(grid.shape, np.uint16)
         labels[cells[:, 0], cells[:, 1]] = pred
-        truth = plate.label_map()
-        full = grid_to_pixels(labels, grid, truth.shape)
-        ok = ~np.isin(truth, allen.IGNORED_LABELS)
-        cm += np.bincount(truth[ok].astype(np.int64) * 16 + full[ok], minlength=256).reshape(16, 16)
+        cm += pixel_confusion(plate.label_map(), labels, grid, 16, allen.IGNORED_LABELS)
     return cm
 
 
@@ -107,7 +104,8 @@ def main(argv=None) -> None:
     model = load_model(args.model, device="cpu", precision="fp32")
     stride = args.stride_um or model.bundle.stride_um
     summary = {"test_plates": [p.number for p in test], "stride_um": stride}
-    report = evaluate_allen_split(model, "test", args.data, out / "shipped", stride_um=stride, overwrite=True)
+    report = evaluate_allen_split(model, "test", args.data, out=out / "shipped", stride_um=stride,
+                                  overwrite=True)
     summary["shipped"] = {k: report[k] for k in ("macro_f1", "accuracy")}
     print(f"shipped model: macro-F1 {report['macro_f1']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
     if not args.skip_baselines:
@@ -115,7 +113,8 @@ def main(argv=None) -> None:
             init = create_initial_bundle(Path(tmp) / "untrained", model.input.scales_um, model.input.size,
                                          model.bundle.label_um, model.bundle.stride_um)
             untrained = load_model(init, device="cpu", precision="fp32")
-            rep = evaluate_allen_split(untrained, "test", args.data, out / "untrained", stride_um=stride, overwrite=True)
+            rep = evaluate_allen_split(untrained, "test", args.data, out=out / "untrained", stride_um=stride,
+                                       overwrite=True)
             summary["untrained_dual_encoder"] = {k: rep[k] for k in ("macro_f1", "accuracy")}
             print(f"untrained dual encoder: macro-F1 {rep['macro_f1']:.3f}", flush=True)
             rng = np.random.default_rng(0)

@@ -101,6 +101,7 @@ def test_predict_review_identify_export_query(make_napari_viewer, qtbot, tiny_mo
     from napari.layers import Image, Labels
 
     from napari_cytoclip.model import load_model
+    from napari_cytoclip.widgets.layers import viewer_camera
     from napari_cytoclip.widgets.state import META_KEY, state_of
 
     viewer, image, widget, state = predicted_viewer(make_napari_viewer, tiny_model_dir, show=True)
@@ -157,7 +158,7 @@ def test_predict_review_identify_export_query(make_napari_viewer, qtbot, tiny_mo
     assert first == tuple(int(v) for v in pred.cells[np.argmin(enc_conf)])
     second = widget.next_uncertain()
     assert second != first and state.reviewed.sum() == 2
-    np.testing.assert_allclose(viewer.camera.center[-2:], labels.data_to_world(second), atol=1e-6)
+    np.testing.assert_allclose(viewer_camera(viewer).center[-2:], labels.data_to_world(second), atol=1e-6)
     assert "review" in state.layers and viewer.layers.selection.active is labels
 
     # --- identify: top-5 regions for all tiles of the selected label
@@ -238,7 +239,7 @@ def test_predict_review_identify_export_query(make_napari_viewer, qtbot, tiny_mo
     best = query.best_cells()
     assert len(best) == 15 and expected[best[0]] == pytest.approx(np.nanmax(expected), abs=1e-5)
     query.matches.itemClicked.emit(query.matches.item(0))
-    np.testing.assert_allclose(viewer.camera.center[-2:], labels.data_to_world(best[0]), atol=1e-6)
+    np.testing.assert_allclose(viewer_camera(viewer).center[-2:], labels.data_to_world(best[0]), atol=1e-6)
     query.set_text("densely packed granule cells")  # the same heatmap layer is reused and renamed
     qtbot.waitUntil(lambda: heat.name == "query: densely packed granule cells", timeout=3000)
     assert sum(layer.name.startswith("query:") for layer in viewer.layers) == 1
@@ -264,7 +265,8 @@ def test_predict_review_identify_export_query(make_napari_viewer, qtbot, tiny_mo
     screenshot(viewer, qtbot, shots / "query_add_region.png")
 
 
-def test_identify_shape_and_finetune(make_napari_viewer, qtbot, tiny_model_dir, tmp_path):
+def test_identify_shape_and_finetune(make_napari_viewer, qtbot, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("napari_cytoclip.widgets.export_widget.MIN_STEPS_PER_EPOCH", 2)  # a token fine-tune
     viewer, image, widget, state = predicted_viewer(make_napari_viewer, tiny_model_dir)
     labels, pred = state.labels_layer, state.prediction
 
@@ -497,6 +499,7 @@ def test_embedding_cache_skips_recomputation(make_napari_viewer, tiny_model_dir,
     image, _ = open_plate(viewer)
     widget = predict_widget(viewer, tiny_model_dir)
     widget.cache.value = str(tmp_path / "cache")
+    widget.stride.value = 200.0
     first = widget.run_blocking()
     assert first.complete and (tmp_path / "cache" / "prediction.json").is_file()
 
@@ -509,6 +512,6 @@ def test_embedding_cache_skips_recomputation(make_napari_viewer, tiny_model_dir,
     assert "from the cache" in widget.status.text()
     np.testing.assert_array_equal(again.labels_layer.data, first.prediction.labels)
     np.testing.assert_array_equal(again.prediction.embeddings, first.prediction.embeddings)
-    widget.stride.value = 200.0  # another grid: the cache does not match, so it predicts (and fails here)
+    widget.stride.value = 300.0  # another grid: the cache does not match, so it predicts (and fails here)
     failed = widget.run_blocking()
     assert failed.status == "failed" and "cached embeddings should have been used" in widget.status.text()

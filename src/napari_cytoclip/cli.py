@@ -37,7 +37,9 @@ def _add_common(p: argparse.ArgumentParser, model_help: str = "model bundle fold
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict regions on section images")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
+    p.add_argument("--sample", action="store_true",
+                   help="predict on the bundled sample (Allen Nissl plate 41, 7.17 um/px)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="results go to DIR/<image name>/")
     _add_common(p)
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="micrometres per pixel")
@@ -133,6 +135,14 @@ def cmd_predict(args) -> int:
     from .sections import open_section
 
     _check_batch(args.batch_size)
+    if args.sample:
+        from .sample_data import SAMPLE_DIR, plate_41_info
+
+        info = plate_41_info()
+        args.images = [*args.images, SAMPLE_DIR / info["image"]]
+        args.pixel_size = args.pixel_size or float(info["pixel_size_um"])
+    if not args.images:
+        raise ValueError("give at least one IMAGE (or --sample)")
     targets = _predict_targets(args.images, args.out, args.overwrite)
     if args.scheduler:
         return _predict_distributed(args)

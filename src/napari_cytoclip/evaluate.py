@@ -221,14 +221,20 @@ def _write_report(report: dict, cm: np.ndarray, model: CytoClip, out: Path) -> N
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(out, f"cannot create the report folder ({exc.strerror})") from None
-    ids = report["class_ids"]
-    names = report["class_names"]
-    sub = cm[np.ix_(ids, ids)]
-    atomic_write_with(out / CONFUSION_PNG, lambda tmp: plot_confusion(sub, ids, names, tmp))
-    scores = {"per_class": {int(k): v for k, v in report["per_region"].items()}}
-    atomic_write_with(out / F1_PNG, lambda tmp: plot_f1_bars(scores, names, tmp))
+    ids, names = _plot_classes(cm, report["class_ids"], model)
+    atomic_write_with(out / CONFUSION_PNG, lambda tmp: plot_confusion(cm[np.ix_(ids, ids)], ids, names, tmp))
+    scores = {"per_class": {int(k): v for k, v in report["per_region"].items()}, "macro_f1": report["macro_f1"]}
+    atomic_write_with(out / F1_PNG, lambda tmp: plot_f1_bars(scores, report["class_names"], tmp))
     report["files"] = {"report": REPORT_JSON, "confusion": CONFUSION_PNG, "f1_per_region": F1_PNG}
     atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=1, default=_plain))
+
+
+def _plot_classes(cm: np.ndarray, class_ids: list[int], model: CytoClip) -> tuple[list[int], list[str]]:
+    """Scored classes plus every other predicted class and "(none)", so each row shows all its pixels."""
+    names = {r.id: r.name for r in model.regions}
+    predicted = [k for k in names if cm[:, k].sum() > 0 and k not in class_ids]
+    ids = [0] + list(class_ids) + sorted(predicted)
+    return ids, ["(none)"] + [names[k] for k in ids[1:]]
 
 
 def evaluate_allen_split(model: CytoClip, split: str = "test", data_dir: str | Path | None = None, *,

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from qtpy.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QGroupBox, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from .state import prediction_layers
 
@@ -99,8 +99,10 @@ def group(title: str, *widgets: QWidget) -> QGroupBox:
 
 
 def status_label(text: str = "") -> QLabel:
+    """A word-wrapped label that keeps the height its text needs (never squeezed and clipped)."""
     label = QLabel(text)
     label.setWordWrap(True)
+    label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
     return label
 
 

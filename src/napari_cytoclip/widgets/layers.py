@@ -86,9 +86,25 @@ def focus_cell(viewer: Any, state: PredictionState, cell: Sequence[int], fov_cel
     """Centre the camera on a cell, zoomed so that about ``fov_cells`` cells span the view."""
     center = cell_world(state, cell)
     cell_size = float(np.mean(state.transform["scale"]))
-    viewer.camera.center = tuple(float(v) for v in center)
-    # the canvas size is not public API: assume a canvas of about CANVAS_PX screen pixels
-    viewer.camera.zoom = float(CANVAS_PX / (fov_cells * cell_size))
+    camera = viewer_camera(viewer)
+    camera.center = tuple(float(v) for v in center)
+    camera.zoom = float(canvas_pixels(viewer) / (fov_cells * cell_size))
+
+
+def viewer_camera(viewer: Any) -> Any:
+    """``viewer.scene.camera`` (napari >= 0.9), else the older ``viewer.camera``."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def canvas_pixels(viewer: Any) -> float:
+    """The smaller side of the canvas in screen pixels (``viewer.canvas.size``), else a typical value."""
+    size = getattr(getattr(viewer, "canvas", None), "size", None)
+    try:
+        side = float(min(size))
+    except (TypeError, ValueError):
+        return CANVAS_PX
+    return side if side > 50 else CANVAS_PX
 
 
 # ---------------------------------------------------------------------------------------------

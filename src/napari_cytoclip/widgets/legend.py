@@ -24,7 +24,7 @@ class RegionLegend(QWidget):
         self.list = QListWidget()
         self.list.setToolTip("Click a region to paint with it")
         self.list.setMinimumHeight(120)
-        self.list.setMaximumHeight(260)
+        self.list.setMaximumHeight(220)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(3)

@@ -15,6 +15,7 @@ from .common import (LayerChoices, WorkerFailure, drive, group, image_layer_choi
                      section_for_layer, shipped_bundle_path, status_label)
 from .layers import apply_batch, create_labels_layer, finish_layers, focus_cell, image_transform, review_marker
 from .legend import RegionLegend
+from .review import describe_top, identify_cells, least_confident_unreviewed, shapes_to_grid
 from .state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,
                     state_of)
 
@@ -100,8 +101,8 @@ class PredictWidget(QWidget):
 
         self.legend = RegionLegend()
         self.review_button = PushButton(text="Next uncertain tile")
-        self.review_status = status_label("Shows the least confident tiles one by one; "
-                                          "reviewed tiles export as confirmed unless you repaint them.")
+        self.review_status = status_label("Visits the least confident tiles; reviewed tiles export as "
+                                          "confirmed unless you repaint them.")
         self.identify_button = PushButton(text="Identify selection")
         self.identify_text = QPlainTextEdit()
         self.identify_text.setReadOnly(True)
@@ -480,13 +481,11 @@ class PredictWidget(QWidget):
         if state is None:
             return None
         pred = state.prediction
-        cells = np.asarray(pred.cells)
-        todo = cells[~state.reviewed[cells[:, 0], cells[:, 1]]]
-        if len(todo) == 0:
+        cell = least_confident_unreviewed(state)
+        if cell is None:
             self.review_status.setText("Every tile has been reviewed.")
             return None
-        conf = pred.confidence[todo[:, 0], todo[:, 1]]
-        r, c = (int(v) for v in todo[int(np.argmin(conf))])
+        r, c = cell
         state.reviewed[r, c] = True
         state.publish()
         state.changed.emit("reviewed")
@@ -495,9 +494,8 @@ class PredictWidget(QWidget):
         label = int(np.asarray(state.labels_layer.data)[r, c])
         region = state.region(label)
         self.review_status.setText(
-            f"Tile ({r}, {c}): {region.name if region else 'no region'}, {pred.confidence[r, c]:.0%} confident. "
-            f"Reviewed {int(state.reviewed.sum())} of {len(cells)} tiles. Repaint it if it is wrong; "
-            "otherwise it exports as confirmed.")
+            f"Tile ({r}, {c}): {region.name if region else 'no region'}, {pred.confidence[r, c]:.0%} confident "
+            f"({int(state.reviewed.sum())} of {len(pred.cells)} reviewed). Repaint it if wrong.")
         return r, c
 
     def identify_selection(self, *_: Any) -> list[tuple[Any, float, float]] | None:
@@ -511,27 +509,12 @@ class PredictWidget(QWidget):
             self._warn(str(exc))
             self.identify_text.setPlainText(str(exc))
             return None
-        pred = state.prediction
-        cells = np.asarray(pred.cells)
-        idx = np.flatnonzero(mask[cells[:, 0], cells[:, 1]])
-        if len(idx) == 0:
+        model = state.model or self._models.get(state.model_key)
+        n, top = identify_cells(state, model, mask, TOP_K)
+        if n == 0:
             self.identify_text.setPlainText(f"No classified tissue tiles in {what}.")
             return None
-        model = state.model or self._models.get(state.model_key)
-        emb = np.asarray(pred.embeddings[idx], np.float32).mean(0)
-        emb /= max(float(np.linalg.norm(emb)), 1e-12)
-        region_emb = model.region_embeddings(state.regions)
-        cos = region_emb @ emb
-        logits = model.logit_scale * cos
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        order = np.argsort(-p)[:TOP_K]
-        top = [(state.regions[i], float(p[i]), float(cos[i])) for i in order]
-        lines = [f"{len(idx)} tiles of {what}:"]
-        for rank, (region, prob, c) in enumerate(top, 1):
-            acr = f" ({region.acronym})" if region.acronym and region.acronym != region.name else ""
-            lines.append(f"{rank}. {region.name}{acr}  {prob:.0%}  (cosine {c:.3f})")
-        self.identify_text.setPlainText("\n".join(lines))
+        self.identify_text.setPlainText(describe_top(n, what, top))
         return top
 
     def _selection_mask(self, state: PredictionState) -> tuple[np.ndarray, str]:
@@ -579,28 +562,3 @@ def _folder_value(value: Any) -> Path | None:
     """A FileEdit's folder, or None when it is empty."""
     text = "" if value is None else str(value).strip()
     return None if text in ("", ".") else Path(text)
-
-
-def shapes_to_grid(shapes: Any, indices: list[int], state: PredictionState) -> np.ndarray:
-    """Grid cells whose centres lie inside the given shapes (polygons, rectangles, ellipses)."""
-    from matplotlib.path import Path as MplPath
-
-    t = state.transform
-    rows, cols = state.grid.shape
-    rr, cc = np.indices((rows, cols))
-    centres = np.stack([rr.ravel(), cc.ravel()], 1).astype(np.float64)
-    mask = np.zeros(rows * cols, bool)
-    for i in indices:
-        verts = np.asarray(shapes.data[i], np.float64)[:, -2:]
-        world = np.array([np.asarray(shapes.data_to_world(v))[-2:] for v in verts])
-        grid_pts = (world - np.asarray(t["translate"])) / np.asarray(t["scale"])
-        kind = shapes.shape_type[i]
-        if kind in ("line", "path"):
-            continue
-        if kind == "ellipse":
-            lo, hi = grid_pts.min(0), grid_pts.max(0)
-            centre, radius = (lo + hi) / 2, (hi - lo) / 2
-            angle = np.linspace(0, 2 * np.pi, 72, endpoint=False)
-            grid_pts = centre + np.stack([np.sin(angle), np.cos(angle)], 1) * radius
-        mask |= MplPath(grid_pts).contains_points(centres)
-    return mask.reshape(rows, cols)

@@ -38,8 +38,8 @@ def evaluate(model: CytoClip, images: Sequence[str | Path], labels: Sequence[str
     """Predict every image, score it against its label image and write the report into ``out``.
 
     ``progress(done_tiles, total_tiles, image_name)`` is called after each batch; ``info`` is
-    added to the report as it is. Writes
-    ``report.json``, ``confusion.png`` and ``f1_per_region.png``; returns the report dict.
+    added to the report as it is. Writes ``report.json``, ``confusion.png`` and
+    ``f1_per_region.png`` (``report.json`` is never replaced unless ``overwrite``); returns the report.
     """
     images, labels = [Path(p) for p in images], [Path(p) for p in labels]
     out = Path(out)

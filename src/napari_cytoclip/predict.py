@@ -89,8 +89,11 @@ def plan_grid(section: Section, model: CytoClip, stride_um: float | None = None,
 
 
 def signature(section: Section, model: CytoClip, grid: TileGrid) -> dict:
-    return {"section": section.content_hash(), "model": model.model_hash, "grid": grid.to_dict(),
-            "input": model.bundle.to_json()["input"]}
+    """What cached embeddings depend on, in JSON form (so saved and fresh signatures compare equal)."""
+    import json
+
+    return json.loads(json.dumps({"section": section.content_hash(), "model": model.model_hash,
+                                  "grid": grid.to_dict(), "input": model.bundle.to_json()["input"]}))
 
 
 def _prefetch(reader: WindowReader, grid: TileGrid, batches: list[np.ndarray], depth: int = 2) -> Iterator:

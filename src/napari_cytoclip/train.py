@@ -100,8 +100,8 @@ def pooled_text_features(model, tokenizer, texts: list[str], cache: Path | None,
     if todo and not allow_compute:
         raise CytoclipError(cache, f"{len(todo)} texts lack cached features and the text tower weights are absent")
     if todo:
-        text = model.text
-        text.eval()
+        text = getattr(model, "text", None)
+        model.eval()
         with torch.inference_mode():
             for i in range(0, len(todo), batch):
                 chunk = todo[i:i + batch]
@@ -121,7 +121,9 @@ def pooled_text_features(model, tokenizer, texts: list[str], cache: Path | None,
 
 
 def _text_projection(model):
-    return model.text.proj if hasattr(model.text, "proj") else (lambda x: x)
+    """The trainable text projection of a Hugging Face tower; native towers stay frozen whole."""
+    text = getattr(model, "text", None)
+    return text.proj if hasattr(text, "pooler") and hasattr(text, "proj") else (lambda x: x)
 
 
 def augment(x, generator):

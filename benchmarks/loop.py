@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import shutil
@@ -137,6 +136,7 @@ class Runner:
 
     def __init__(self, log):
         self.log = log
+        self.last_load = None
 
     def __call__(self, *args) -> float:
         cmd = [CLI, *[str(a) for a in args]]
@@ -151,7 +151,8 @@ class Runner:
         if proc.returncode != 0:
             self.log(proc.stderr[-4000:])
             raise SystemExit(f"command failed with status {proc.returncode}: {shown}")
-        self.log(f"  ({seconds:.1f} s)")
+        self.last_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        self.log(f"  ({seconds:.1f} s; 1-min load average {self.last_load})")
         return seconds
 
 
@@ -185,9 +186,9 @@ class Loop:
 
     # -- images -------------------------------------------------------------------------------
 
-    def image_of(self, plate) -> Path:
+    def image_of(self, plate, stained: bool | None = None) -> Path:
         """The image the loop shows the model: the plate itself, or its stained rendering."""
-        if self.args.start != "stain":
+        if not (self.args.start == "stain" if stained is None else stained):
             return plate.image
         from PIL import Image
 
@@ -295,24 +296,29 @@ class Loop:
             "plates": [p.number for p in plates], "pairs": n, "epochs": epochs, "batch_size": a.batch_size,
             "steps": epochs * max(1, n // a.batch_size), "lr": a.lr, "seconds": seconds,
             "train_loop_seconds": sum(h.get("seconds", 0) for h in prov.get("history", [])),
+            "load_average_after": self.run.last_load,
             "n_pairs_in_bundle": prov.get("n_pairs")}
         self.save()
         return model
 
     # -- step 4: evaluate -------------------------------------------------------------------------
 
-    def evaluate(self, name: str, model: Path, test: list) -> dict:
+    def evaluate(self, name: str, model: Path, test: list, stained: bool | None = None) -> dict:
         a = self.args
-        out = self.work / "reports" / name
+        tag = f"{name}_s{a.eval_stride_um:g}_{len(test)}plates"  # a report per model, grid and test set
+        out = self.work / "reports" / tag
+        images = [self.image_of(p, stained) for p in test]
         if not (out / "report.json").is_file():
-            images = [self.image_of(p) for p in test]
             seconds = self.run("evaluate", "--model", model, "--images", *images,
                                "--labels", *[p.labels for p in test],
                                "--pixel-size", *[p.um_per_px for p in test], "--stride-um", a.eval_stride_um,
                                "--device", "cpu", "--out", out, "--quiet")
-            self.results.setdefault("eval_seconds", {})[name] = seconds
+            self.results.setdefault("eval_seconds", {})[tag] = seconds
             self.save()
         report = json.loads((out / "report.json").read_text())
+        if [(Path(i["image"]).name, Path(i["labels"]).name) for i in report["images"]] != \
+                [(im.name, p.labels.name) for im, p in zip(images, test)]:
+            raise SystemExit(f"{out} was made for other test images; remove it to evaluate again")
         return {"macro_f1": report["macro_f1"], "accuracy": report["accuracy"],
                 "per_region": {v["name"]: v.get("f1") for v in report["per_region"].values()},
                 "n_images": report["n_images"], "pixels_scored": report["pixels_scored"],
@@ -348,7 +354,12 @@ class Loop:
             scores[str(k)] = self.evaluate(f"K{k:02d}", model, test)
             self.save()
         if a.reference:
-            self.results["reference"] = self.evaluate("shipped", default_bundle_path(), test)
+            self.results["reference"] = self.evaluate("shipped", default_bundle_path(), test, stained=False)
+            shipped = json.loads((default_bundle_path() / "cytoclip.json").read_text()).get("provenance", {})
+            self.results["reference"].update(train_plates=_n_plates(shipped), pairs=shipped.get("n_pairs"))
+        if a.stain_check and a.start != "stain":
+            # the shipped model on the same test plates rendered as brightfield colour (stain_plate)
+            self.results["stain_check"] = self.evaluate("shipped_stained", default_bundle_path(), test, stained=True)
         self.results["wall_seconds_this_run"] = time.perf_counter() - t0
         self.save()
         self.log(f"done in {time.perf_counter() - t0:.0f} s: " +
@@ -372,6 +383,7 @@ def plot_curve(results: dict, path: Path) -> None:
     ax.plot(ks, f1, "o-", color="#3b5bdb", label="fine-tuned on K corrected plates")
     for k, v in zip(ks, f1):
         ax.annotate(f"{v:.3f}", (k, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    ax.axhline(f1[0], ls=":", color="#3b5bdb", alpha=0.6, label=f"start model ({f1[0]:.3f})")
     if "reference" in results:
         ax.axhline(results["reference"]["macro_f1"], ls="--", color="gray",
                    label=f"shipped model ({results['reference']['macro_f1']:.3f})")
@@ -384,10 +396,20 @@ def plot_curve(results: dict, path: Path) -> None:
     ax.set_title(f"Correction loop: {len(results['test_plates'])} test plates, {c['eval_stride_um']:g} um grid",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _n_plates(provenance: dict) -> int | None:
+    """Training plates behind a bundle, when its provenance lists its pair folders."""
+    pairs = provenance.get("pairs")
+    return len(pairs) if isinstance(pairs, list) else None
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def region_gains(results: dict, k: str) -> list[tuple[str, float, float]]:
@@ -397,15 +419,33 @@ def region_gains(results: dict, k: str) -> list[tuple[str, float, float]]:
     return sorted(rows, key=lambda r: r[2] - r[1], reverse=True)
 
 
-def write_section(results: dict, path: Path, command: str) -> None:
+def _stain_numbers(results: dict, stain_results: dict | None):
+    """(shipped on plates, shipped on stained plates, plates, stride, how measured) if measured."""
+    if "stain_check" in results and "reference" in results:
+        return (results["reference"]["macro_f1"], results["stain_check"]["macro_f1"], results["test_plates"],
+                results["config"]["eval_stride_um"], "measured in this run")
+    if stain_results and "reference" in stain_results and stain_results["config"]["start"] == "stain":
+        c = stain_results["config"]
+        return (stain_results["reference"]["macro_f1"], stain_results["scores"]["0"]["macro_f1"],
+                stain_results["test_plates"], c["eval_stride_um"],
+                f"measured with `python benchmarks/loop.py --start stain --ks '' --test-plates {c['test_plates']}`")
+    return None
+
+
+def write_section(results: dict, path: Path, command: str, stain_results: dict | None = None) -> None:
     c = results["config"]
     scores = results["scores"]
     ks = sorted(int(k) for k in scores if k != "0")
     ft = results.get("fine_tune", {})
     start = results.get("start", {})
     corr = results.get("corrections", {})
-    lines = ["## The correction loop: corrections make the model better", "",
+    lines = ["## The correction loop: predict, correct, export, fine-tune, evaluate", "",
              f"Rerun: `{command}` (resumes; each step is skipped when its output exists).", ""]
+    k0 = scores["0"]["macro_f1"]
+    deltas = ", ".join(f"K = {k}: {scores[str(k)]['macro_f1']:.3f} ({scores[str(k)]['macro_f1'] - k0:+.3f})"
+                       for k in sorted(int(k) for k in scores if k != "0"))
+    lines += [f"**Result**: macro-F1 on the held-out test plates, start model {k0:.3f}; after fine-tuning on "
+              f"K corrected plates: {deltas}.", ""]
     if c["start"] == "subset" and not c.get("start_model"):
         lines.append(
             f"Start model (K = 0): the default recipe (`architectures.create_initial_bundle` + "
@@ -430,19 +470,29 @@ def write_section(results: dict, path: Path, command: str) -> None:
               f"{len(results['test_plates'])} held-out test plates ({', '.join(map(str, results['test_plates']))}) "
               f"at a {c['eval_stride_um']:g} um grid (labels 0 and 15 ignored).", "",
               "![macro-F1 against the number of corrected plates](loop_curve.png)", "",
-              "| K | corrected plates | pairs | epochs | steps | fine-tune (s) | macro-F1 | accuracy |",
-              "|---|---|---|---|---|---|---|---|",
-              f"| 0 | - | - | - | - | - | {scores['0']['macro_f1']:.3f} | {scores['0']['accuracy']:.3f} |"]
+              "| K | corrected plates | pairs | epochs | steps | fine-tune (s) | load avg | macro-F1 | accuracy |",
+              "|---|---|---|---|---|---|---|---|---|",
+              f"| 0 | - | - | - | - | - | - | {scores['0']['macro_f1']:.3f} | {scores['0']['accuracy']:.3f} |"]
     for k in ks:
         f = ft.get(str(k), {})
         lines.append(f"| {k} | {', '.join(map(str, f.get('plates', [])))} | {f.get('pairs')} | {f.get('epochs')} | "
-                     f"{f.get('steps')} | {f.get('seconds', 0):.0f} | {scores[str(k)]['macro_f1']:.3f} | "
+                     f"{f.get('steps')} | {f.get('seconds', 0):.0f} | {_fmt(f.get('load_average_after'))} | "
+                     f"{scores[str(k)]['macro_f1']:.3f} | "
                      f"{scores[str(k)]['accuracy']:.3f} |")
     if "reference" in results:
         r = results["reference"]
-        lines.append(f"| shipped | all 92 training plates | 217448 | | | | {r['macro_f1']:.3f} | {r['accuracy']:.3f} |")
-    lines += ["", "Fine-tune seconds are the wall time of the `napari-cytoclip train` command (model loading "
-              f"included) on {results['machine']['cpu_count']} CPU cores shared with other work.", ""]
+        if r.get("pairs") is None:
+            from napari_cytoclip.bundle import default_bundle_path
+
+            shipped = json.loads((default_bundle_path() / "cytoclip.json").read_text()).get("provenance", {})
+            r = {**r, "train_plates": _n_plates(shipped), "pairs": shipped.get("n_pairs")}
+        plates = f"all {r['train_plates']} training plates" if r.get("train_plates") else "all training plates"
+        lines.append(f"| shipped model | {plates} | {r.get('pairs')} | | | | | "
+                     f"{r['macro_f1']:.3f} | {r['accuracy']:.3f} |")
+    lines += ["", "Fine-tune seconds are the wall time of the `napari-cytoclip train` command (model and pair "
+              f"loading included) on {results['machine']['cpu_count']} CPU cores; 'load avg' is the 1-minute load "
+              "average when it finished (above 2 means the cores were shared with other work, so the time is "
+              "inflated by about that factor over 2).", ""]
     if corr:
         lines += ["| plate | cells corrected = pairs | predict (s) | export (s) |", "|---|---|---|---|"]
         for key in sorted(corr, key=lambda s: results["corrected_order"].index(corr[s]["plate"])):
@@ -458,6 +508,16 @@ def write_section(results: dict, path: Path, command: str) -> None:
             mids = " | ".join(f"{(scores[str(k)]['per_region'].get(name) or 0):.3f}" for k in ks)
             lines.append(f"| {name} | {before:.3f} | {mids} | {after - before:+.3f} |")
         lines.append("")
+    stain = _stain_numbers(results, stain_results)
+    if stain:
+        ref, st, plates, stride, how = stain
+        lines += [f"Why not the stained start: the shipped model scores macro-F1 {ref:.4f} on test plates "
+                  f"{', '.join(map(str, plates))} ({stride:g} um grid) and {st:.4f} on the same plates rendered as "
+                  "MD787-like brightfield cresyl-violet colour (`stain_plate`: inverted, Beer-Lambert colour ramp "
+                  "calibrated to MD787's mean tissue and background RGB, per-plate jitter of stain strength, blue "
+                  "share and background tint, sensor noise). The model reads grey levels and detects polarity "
+                  f"itself, so this stain barely weakens it and is no weak start ({how}; `--start stain` runs the "
+                  "whole loop from it anyway).", ""]
     ev = results.get("eval_seconds", {})
     if ev:
         lines.append("Evaluation wall time per model: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(ev.items())) + ".")
@@ -485,6 +545,11 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reference", dest="reference", action="store_false", help="skip the shipped model's score")
+    ap.add_argument("--no-stain-check", dest="stain_check", action="store_false",
+                    help="skip scoring the shipped model on the stained test plates")
+    ap.add_argument("--stain-results", default=None,
+                    help="results.json of a '--start stain' run to quote in the section")
+    ap.add_argument("--report-only", action="store_true", help="only redraw the curve and section from results.json")
     ap.add_argument("--png", default=str(HERE / "loop_curve.png"))
     ap.add_argument("--section", default=str(HERE / "loop_README_section.md"))
     return ap.parse_args(argv)
@@ -493,10 +558,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = Loop(args).main()
-    plot_curve(results, Path(args.png))
-    shown = ["python", "benchmarks/loop.py", *(sys.argv[1:] if argv is None else argv)]
-    write_section(results, Path(args.section), "HF_HUB_OFFLINE=1 " + " ".join(shown))
+    if args.report_only:
+        results = json.loads((Path(args.work) / "results.json").read_text())
+    else:
+        results = Loop(args).main()
+    if any(k != "0" for k in results["scores"]):  # a curve and a section only when something was fine-tuned
+        import shlex
+
+        plot_curve(results, Path(args.png))
+        given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+        stain = json.loads(Path(args.stain_results).read_text()) if args.stain_results else None
+        write_section(results, Path(args.section), "HF_HUB_OFFLINE=1 " + shlex.join(["python", "benchmarks/loop.py",
+                                                                                     *given]), stain)
     print(json.dumps({k: v["macro_f1"] for k, v in results["scores"].items()}))
     return 0
 

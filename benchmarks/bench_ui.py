@@ -1,0 +1,151 @@
+"""UI-thread stalls while the Predict widget predicts: a 10 ms QTimer heartbeat on napari's main thread.
+
+    HF_HUB_OFFLINE=1 xvfb-run -a python benchmarks/bench_ui.py [--stride-um 100] [--plate 41]
+
+A shown napari viewer (Xvfb, Qt's xcb platform: ``QT_QPA_PLATFORM=offscreen`` breaks napari's
+canvas) with the bundled sample (Allen plate 41) and the "Predict regions" dock widget set to the
+shipped model on the CPU. A ``QTimer`` fires every 10 ms on the main thread and records the gap
+since the previous beat; the widget's own thread worker runs the prediction (``PredictWidget.run``,
+the same as pressing Run). Reported: gaps while idle (baseline), while the worker loads the model,
+and while it classifies tiles (the Labels layer updated batch by batch), and the time spent in the
+widget's main-thread handlers (``_on_yielded`` per batch, ``_on_returned`` at the end), which is
+what a stall is made of. A stall is a gap over 100 ms. ``--plate N`` predicts Allen plate N instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PLUGIN = "napari-cytoclip"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stride-um", type=float, default=100.0)
+    ap.add_argument("--plate", type=int, default=None, help="an Allen plate number (default: the sample, 41)")
+    ap.add_argument("--idle-s", type=float, default=2.0)
+    ap.add_argument("--timeout-s", type=float, default=1800.0)
+    args = ap.parse_args(argv)
+
+    import fastpaths
+    import napari
+    import numpy as np
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_cytoclip.widgets import predict_widget as pw
+
+    print(f"machine: {fastpaths.machine()}, Qt platform {os.environ.get('QT_QPA_PLATFORM', 'xcb (default)')}",
+          flush=True)
+    viewer = napari.Viewer(show=True)
+    if args.plate is None:
+        layers = viewer.open_sample(PLUGIN, "allen_plate_41")
+        image = next(layer for layer in layers if layer.name.startswith("Allen Nissl plate"))
+    else:
+        from napari_cytoclip import allen
+
+        plate = next(p for p in allen.plates() if p.number == args.plate)
+        image = viewer.add_image(np.asarray(plate.section().levels[0]),
+                                 name=f"plate {plate.number}", scale=(plate.um_per_px,) * 2,
+                                 metadata={"pixel_size_um": plate.um_per_px, "source": str(plate.image)})
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Predict regions")
+    widget.set_model_path(None)
+    widget.device.value = "cpu"
+    widget.image.value = image
+    widget.stride.value = args.stride_um
+    app = QApplication.instance()
+
+    handler_ms: dict[str, list[float]] = {"_on_yielded": [], "_on_returned": []}
+    for name in handler_ms:
+        original = getattr(pw.PredictWidget, name)
+
+        def timed(self, *a, _orig=original, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _orig(self, *a, **k)
+            finally:
+                handler_ms[_name].append(1000 * (time.perf_counter() - t))
+        setattr(pw.PredictWidget, name, timed)
+
+    phase = {"name": "idle"}
+    gaps: dict[str, list[float]] = {"idle": [], "loading model": [], "classifying": [], "finishing": []}
+    last = [time.perf_counter()]
+
+    def beat():
+        now = time.perf_counter()
+        gaps[phase["name"]].append(1000 * (now - last[0]))
+        last[0] = now
+        if phase["name"] == "loading model" and widget.status.text().startswith(("Classifying", "0 /")) or \
+                (phase["name"] == "loading model" and "tissue tiles" in widget.status.text()):
+            phase["name"] = "classifying"
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(beat)
+    timer.start()
+
+    def wait(seconds: float, until=None):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end and not (until and until()):
+            app.processEvents()
+            time.sleep(0.001)
+
+    wait(0.5)
+    gaps["idle"].clear()
+    last[0] = time.perf_counter()
+    wait(args.idle_s)
+    phase["name"] = "loading model"
+    t0 = time.perf_counter()
+    state = widget.run()
+    run_call_ms = 1000 * (time.perf_counter() - t0)
+    assert state is not None, widget.status.text()
+    wait(args.timeout_s, until=lambda: widget.worker is None)
+    elapsed = time.perf_counter() - t0
+    phase["name"] = "finishing"
+    wait(0.5)
+    timer.stop()
+    ok = state.complete
+    pred = state.prediction
+    print()
+    print(f"Prediction in the widget's thread worker: {'complete' if ok else 'NOT complete: ' + widget.status.text()}, "
+          f"{len(pred.cells) if pred else 0} tiles at {args.stride_um:g} um in {elapsed:.1f} s "
+          f"({pred.timings.get('tiles_per_s', 0):.0f} tiles/s)" if pred else "")
+    print(f"{'main-thread heartbeat (10 ms)':<30}{'beats':>7}{'median ms':>11}{'p99 ms':>9}{'max ms':>9}{'>100 ms':>9}")
+    for name, g in gaps.items():
+        if not g:
+            continue
+        arr = np.asarray(g)
+        print(f"{name:<30}{len(arr):>7}{statistics.median(g):>11.1f}{np.percentile(arr, 99):>9.1f}{arr.max():>9.1f}"
+              f"{int((arr > 100).sum()):>9}")
+    for name, ms in handler_ms.items():
+        if ms:
+            print(f"handler {name}: {len(ms)} calls, median {statistics.median(ms):.1f} ms, max {max(ms):.1f} ms")
+    print(f"PredictWidget.run() itself (main thread: checks, section, empty Labels layer): {run_call_ms:.0f} ms")
+    layer = state.labels_layer
+    if layer is not None:
+        def refresh_ms(**kw):
+            ts = []
+            for _ in range(10):
+                t = time.perf_counter()
+                layer.refresh(**kw)
+                app.processEvents()
+                ts.append(1000 * (time.perf_counter() - t))
+            return statistics.median(ts)
+        full = refresh_ms()
+        lean = refresh_ms(thumbnail=False, extent=False, highlight=False)
+        print(f"Labels layer {layer.data.shape}: refresh() + events {full:.1f} ms; "
+              f"refresh(thumbnail=False, extent=False, highlight=False) + events {lean:.1f} ms")
+    busy = [g for k in ("loading model", "classifying", "finishing") for g in gaps[k]]
+    print(f"UI stall maximum during the prediction: {max(busy):.0f} ms (goal: none over 100 ms)")
+    viewer.close()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

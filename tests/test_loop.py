@@ -1,0 +1,154 @@
+"""The correction loop in miniature, through the command line: predict, correct, export, fine-tune, reload.
+
+A crop of a real training plate, a tiny random model, the atlas labels as the "corrections"
+(as in ``benchmarks/loop.py``), one short epoch of ``train --init``; the new bundle must load
+with ``model.load_model`` and predict again.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from helpers import allen_plate, tiny_bundle
+
+from napari_cytoclip.bundle import BUNDLE_JSON, BUNDLE_WEIGHTS, load_bundle
+from napari_cytoclip.cli import main
+from napari_cytoclip.model import load_model, read_state_dict
+from napari_cytoclip.pairs import read_pairs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import loop  # noqa: E402  (benchmarks/loop.py)
+
+PLATE = 44                  # a training plate (qc ok)
+BOX = (0, 700, 100, 900)    # y0, y1, x0, x1: 5.2 x 5.9 mm of striatum, cortex, pallidum and tracts
+STRIDE = "200"
+
+
+def _cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    plate = allen_plate(PLATE)
+    y0, y1, x0, x1 = BOX
+    with Image.open(plate.image) as im:
+        image = np.asarray(im.convert("L"))[y0:y1, x0:x1]
+    truth = loop.corrected_labels(plate.label_map()[y0:y1, x0:x1])
+    Image.fromarray(np.ascontiguousarray(image)).save(root / "section.png")
+    tifffile.imwrite(root / "corrected.tif", truth)
+    return root, plate.um_per_px, truth
+
+
+@pytest.mark.slow
+def test_tiny_loop_end_to_end(crop, capsys):
+    root, px, truth = crop
+    tiny = tiny_bundle(root / "tiny").path
+    image = root / "section.png"
+
+    # 1. predict
+    _cli(capsys, "predict", image, "--out", root / "pred", "--model", tiny, "--pixel-size", px,
+         "--stride-um", STRIDE, "--device", "cpu", "--quiet")
+    pred = root / "pred" / "section"
+    grid_labels = tifffile.imread(pred / "labels.tif")
+
+    # 2. the anatomist's corrections, exported through the CLI (full-resolution labels -> grid)
+    out = _cli(capsys, "export-pairs", image, root / "corrected.tif", "--prediction", pred, "--model", tiny,
+               "--out", root / "export", "--device", "cpu", "--quiet")
+    pairs = root / "export" / "pairs"
+    files, captions, records = read_pairs(pairs)
+    with open(pairs / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    jsonl = [json.loads(line) for line in (pairs / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    tiles = sorted((pairs / "tiles").glob("*.png"))
+    assert 50 < len(rows) == len(jsonl) == len(tiles) == len(files)
+    assert f"{len(rows)} pairs added" in out
+    assert {Path(r["filepath"]).name for r in rows} == {t.name for t in tiles}
+    with Image.open(tiles[0]) as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+    edited = tifffile.imread(root / "export" / "labels.tif")
+    assert edited.shape == grid_labels.shape
+    for rec in records:  # every pair is a corrected cell, labelled with the atlas label at its centre
+        assert rec["kind"] == "corrected" and rec["corrected_label"] != rec["predicted_label"]
+        y, x = np.rint(rec["center_px"]).astype(int)
+        assert rec["corrected_label"] == truth[y, x] == edited[rec["row"], rec["col"]]
+        assert rec["corrected_label"] not in (0, 15)
+    log = json.loads((root / "export" / "export.json").read_text())["exports"]
+    assert log[-1]["corrected_cells"] == len(rows) and log[-1]["confirmed_cells"] == 0
+
+    # 3. fine-tune the start model on the exported pairs
+    _cli(capsys, "train", pairs, "--init", tiny, "--out", root / "tuned", "--epochs", "1", "--batch-size", "64",
+         "--device", "cpu", "--quiet")
+    tuned = root / "tuned"
+    assert (tuned / BUNDLE_JSON).is_file() and (tuned / BUNDLE_WEIGHTS).is_file()
+    assert not (root / "tuned.ckpt").exists()
+    bundle = load_bundle(tuned)
+    assert bundle.provenance["n_pairs"] == len(rows) and bundle.provenance["trained_from"] == "tiny-cytoclip"
+    assert [r.id for r in bundle.regions] == [r.id for r in load_bundle(tiny).regions]
+    before, after = read_state_dict(Path(tiny) / BUNDLE_WEIGHTS), read_state_dict(tuned / BUNDLE_WEIGHTS)
+    assert any(not np.array_equal(before[k].numpy(), after[k].numpy()) for k in after if k.startswith("visual."))
+
+    # 4. the new bundle loads and predicts again on the same grid
+    model = load_model(tuned, device="cpu")
+    assert model.bundle.name == "tuned" and model.region_embeddings().shape[0] == len(bundle.regions)
+    _cli(capsys, "predict", image, "--out", root / "pred2", "--model", tuned, "--pixel-size", px,
+         "--stride-um", STRIDE, "--device", "cpu", "--quiet")
+    again = tifffile.imread(root / "pred2" / "section" / "labels.tif")
+    assert again.shape == grid_labels.shape
+    summary = json.loads((root / "pred2" / "section" / "prediction.json").read_text())
+    assert summary["tile_counts"]["encoded"] > 0
+    assert set(np.unique(again)) <= {0} | {r.id for r in bundle.regions}
+
+
+def test_corrected_labels_leave_root_only_unlabelled():
+    atlas = np.array([[0, 1, 15], [14, 15, 3]], np.uint8)
+    out = loop.corrected_labels(atlas)
+    assert out.dtype == np.uint16 and out.tolist() == [[0, 1, 0], [14, 0, 3]]
+    assert atlas[0, 2] == 15  # the input is not modified
+
+
+def test_plate_choice_never_uses_test_or_validation():
+    from napari_cytoclip import allen
+
+    plates = allen.plates()
+    start = loop.weak_subset(plates, 8)
+    assert start and all(p.split == "train" for p in start)
+    chosen = loop.pick_corrected_plates(plates, {p.number for p in start}, 10, seed=0)
+    assert len(chosen) == 10 and len({p.number for p in chosen}) == 10
+    assert all(p.split == "train" and p.qc == "ok" and p.number % 5 and p.number % 10 != 3 for p in chosen)
+    assert not {p.number for p in chosen} & {p.number for p in start}
+    assert [p.number for p in loop.pick_corrected_plates(plates, {p.number for p in start}, 3, seed=0)] == \
+        [p.number for p in chosen[:3]]  # nested: the 3 plates are the first 3 of the 10
+    test = loop.pick_test_plates(plates, None)
+    assert len(test) == 26 and all(p.number % 5 == 0 for p in test)
+    assert [p.number for p in loop.pick_test_plates(plates, 3)] == [5, 65, 130]
+
+
+def test_stain_resembles_md787():
+    plate = allen_plate(41)
+    with Image.open(plate.image) as im:
+        gray = np.asarray(im.convert("L"))[::4, ::4]
+    labels = plate.label_map()[::4, ::4]
+    rgb = loop.stain_plate(gray, labels, np.random.default_rng(0))
+    assert rgb.shape == gray.shape + (3,) and rgb.dtype == np.uint8
+    tissue, background = rgb[labels > 0].mean(0), rgb[labels == 0].mean(0)
+    assert np.all(background > 225) and np.all(tissue < background)
+    assert tissue[2] > tissue[0] + 25  # blue-violet, as MD787
+    assert np.abs(tissue - loop.MD787_TISSUE).max() < 40
+
+
+def test_epochs_for_a_step_budget():
+    assert loop.epochs_for(100, 60, 64) == 60   # one step per epoch
+    assert loop.epochs_for(640, 60, 64) == 6
+    assert loop.epochs_for(64_000, 60, 64) == 1  # never less than one epoch

@@ -24,12 +24,6 @@ from napari_cytoclip.allen import default_data_dir  # noqa: E402
 PLATES = default_data_dir() / "allen_ara_coronal_nissl_plates"
 needs_data = pytest.mark.skipif(not PLATES.is_dir(), reason=f"the real Allen plates ({PLATES}) are not there")
 
-BUG_FOOTPRINT_TIES = (
-    "aggregate.footprint_radius (line 19) uses Python's round(), which rounds halves to even: label/stride "
-    "ratios 2, 4, 6 give radius 0, 2, 2 (footprints of 1, 5, 5 cells), so a 400 um and a 600 um label vote "
-    "over the same neighbourhood. Expected one tie rule for all ratios, e.g. round half down "
-    "(math.ceil(x - 0.5): radius 0, 1, 2, which keeps the shipped 200/100 model at radius 0)")
-
 
 # ------------------------------------------------------------------------------------- probabilities
 def unit_rows(rng, n, d):
@@ -138,10 +132,32 @@ def test_footprint_radius(label_um, stride_um, radius):
     assert footprint_radius(label_um, stride_um) == radius
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_FOOTPRINT_TIES)
 def test_footprint_radius_ties_follow_one_rule():
+    """Ties round down for every ratio (not half to even): label/stride 2, 4, 6, 8 give radius 0, 1, 2, 3."""
     radii = [footprint_radius(k * 100.0, 100.0) for k in (2, 4, 6, 8)]
-    assert np.all(np.diff(radii) == 1), radii
+    assert radii == [0, 1, 2, 3], radii
+
+
+@pytest.mark.parametrize("label_um, stride_um, radius", [
+    (200, 100, 0), (201, 100, 1), (400, 100, 1), (401, 100, 2), (600, 100, 2), (0.6, 0.1, 2), (0.7, 0.1, 3),
+    (200 * 0.1, 100 * 0.1, 0)])
+def test_footprint_radius_table(label_um, stride_um, radius):
+    """Half-way ratios (even label/stride) round down, also through float noise; anything above rounds up."""
+    assert footprint_radius(label_um, stride_um) == radius
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1.0, 1e4), st.floats(1.0, 1e3))
+def test_footprint_radius_is_the_nearest_integer_ties_down(label_um, stride_um):
+    """The footprint ``2 r + 1`` cells is the odd count nearest to label/stride, never off by more than one cell."""
+    r = footprint_radius(label_um, stride_um)
+    x = (label_um / stride_um - 1) / 2
+    assert isinstance(r, int) and r >= 0
+    if x > 0:
+        assert x - 0.5 - 1e-6 <= r <= x + 0.5 + 1e-6
+    else:
+        assert r == 0
+    assert footprint_radius(label_um * 1.5, stride_um) >= r  # monotone in the label size
 
 
 def test_labels_from_index_and_similarity_grid():

@@ -390,3 +390,13 @@ def test_shipped_bundle_loads_and_encodes():
     emb = model.encode_windows(np.full((2, spec.size, spec.size, 3), 200, np.uint8))
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
     assert model.region_embeddings().shape == (len(model.regions), emb.shape[1])
+
+
+def test_region_ids_integral_accepted_fractional_refused():
+    from napari_cytoclip.bundle import region_from_dict
+
+    for value in (4, 4.0, "4", " 4 "):
+        assert region_from_dict({"id": value, "name": "x"}, "src").id == 4
+    for value in (4.5, True, None, float("nan"), "4.5", [4]):
+        with pytest.raises(BundleError, match="integer 'id'"):
+            region_from_dict({"id": value, "name": "x"}, "src")

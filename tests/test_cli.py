@@ -1,7 +1,6 @@
 """The napari-cytoclip command line, end to end on a real Allen plate with a tiny model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -95,13 +94,6 @@ def test_predict_errors_are_one_line(env, tmp_path, capsys):
     # the JPEG states no pixel size: the user is told to give one
     rc, _, err = _run(capsys, "predict", plate.image, "--out", tmp_path / "o", "--model", model, "--quiet")
     assert rc == 2 and "pixel size" in err and "error:" in err.splitlines()[-1]
-
-
-def test_scheduler_without_distributed(env, tmp_path, capsys):
-    if importlib.util.find_spec("napari_cytoclip.distributed") is not None:
-        pytest.skip("napari_cytoclip.distributed exists")
-    rc, _, err = _predict(capsys, env, tmp_path, "--scheduler", "local:2")
-    assert rc == 2 and "distributed" in err
 
 
 def test_export_pairs_with_prediction_then_train(env, predicted, tmp_path, capsys):

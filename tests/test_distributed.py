@@ -1,4 +1,5 @@
-"""dask.distributed prediction gives exactly the single-process results (LocalCluster, two worker processes).
+"""dask.distributed prediction gives the single-process results (LocalCluster, two worker processes): the same
+grid, cells and labels; embeddings and confidence up to the float rounding of a different thread count.
 
 Real Allen plates written as TIFFs with resolution tags (so every path reads the same pixel size);
 a tiny random model for the many-sections run, the shipped model for one huge-section run.
@@ -61,6 +62,15 @@ def single_process():
     return dask.config.set(scheduler="synchronous")
 
 
+def assert_close_embeddings(a, b):
+    """float16 embeddings equal up to the float rounding a different thread count causes (workers run one
+    thread; oneDNN blocks its kernels by thread count): a few rows off by a few float16 steps."""
+    assert a.dtype == b.dtype == np.float16 and a.shape == b.shape
+    diff = np.abs(a.astype(np.float32) - b.astype(np.float32)).max(axis=1)
+    assert diff.max() <= 2e-3, diff.max()
+    assert (diff > 0).mean() <= 0.02, f"{int((diff > 0).sum())} of {len(diff)} embeddings differ"
+
+
 def _read(folder):
     labels = tifffile.imread(folder / "labels.tif")
     conf = tifffile.imread(folder / "confidence.tif")
@@ -68,6 +78,27 @@ def _read(folder):
         emb, cells = z["embeddings"], z["cells"]
     summary = json.loads((folder / "prediction.json").read_text())
     return labels, conf, emb, cells, summary
+
+
+def test_cli_scheduler_local_2_matches_plain_cli(data, tmp_path, capsys):
+    """``predict --scheduler local:2`` starts its own two-process LocalCluster (before this module's
+    cluster exists) and writes what the plain CLI writes."""
+    from napari_cytoclip.cli import main
+
+    root, model, big, small = data
+    common = ["--model", str(model), "--device", "cpu", "--stride-um", "300", "--batch-size", "32", "--quiet"]
+    assert main(["predict", str(small), "--out", str(tmp_path / "plain"), *common]) == 0
+    capsys.readouterr()
+    rc = main(["predict", str(small), "--out", str(tmp_path / "dist"), *common, "--scheduler", "local:2"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.split() == [str(tmp_path / "dist" / "plate70")]
+    a, b = _read(tmp_path / "plain" / "plate70"), _read(tmp_path / "dist" / "plate70")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-4, rtol=0)
+    assert_close_embeddings(a[2], b[2])
+    np.testing.assert_array_equal(a[3], b[3])
+    assert a[4]["tile_counts"] == b[4]["tile_counts"] and a[4]["tile_counts"]["encoded"] > 50
 
 
 def test_cli_scheduler_matches_single_process(data, client, tmp_path, monkeypatch, capsys):
@@ -95,8 +126,8 @@ def test_cli_scheduler_matches_single_process(data, client, tmp_path, monkeypatc
     for stem in ("plate40", "plate70"):
         a, b = _read(tmp_path / "plain" / stem), _read(tmp_path / "dist" / stem)
         np.testing.assert_array_equal(a[0], b[0])                       # labels.tif
-        np.testing.assert_allclose(a[1], b[1], atol=1e-6, rtol=0)        # confidence.tif
-        np.testing.assert_array_equal(a[2], b[2])                       # float16 embeddings
+        np.testing.assert_allclose(a[1], b[1], atol=1e-4, rtol=0)        # confidence.tif
+        assert_close_embeddings(a[2], b[2])                             # float16 embeddings
         np.testing.assert_array_equal(a[3], b[3])                       # cells
         assert a[4]["grid"] == b[4]["grid"] and a[4]["section_hash"] == b[4]["section_hash"]
         assert a[4]["tile_counts"] == b[4]["tile_counts"] and a[4]["tile_counts"]["encoded"] > 50
@@ -141,9 +172,8 @@ def test_huge_section_chunks_equal_predict_section(client, tmp_path):
     assert got.timings["chunks"] > 2 and seen[-1][0] == seen[-1][1] == len(ref.cells)
     np.testing.assert_array_equal(got.cells, ref.cells)
     np.testing.assert_array_equal(got.labels, ref.labels)
-    np.testing.assert_allclose(got.confidence, ref.confidence, atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(got.embeddings, ref.embeddings)
-    assert got.embeddings.dtype == np.float16
+    np.testing.assert_allclose(got.confidence, ref.confidence, atol=1e-4, rtol=0)
+    assert_close_embeddings(got.embeddings, ref.embeddings)
     assert got.signature == ref.signature and got.polarity == ref.polarity
     assert [r.id for r in got.regions] == [r.id for r in ref.regions]
     assert got.grid == ref.grid and len(np.unique(ref.labels)) > 3

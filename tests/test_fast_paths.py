@@ -125,3 +125,43 @@ def test_float16_embeddings_keep_labels_and_retrieval(fp32_model, reference):
         top32 = set(np.argsort(-(emb32 @ t), kind="stable")[:100])
         top16 = set(np.argsort(-(emb16.astype(np.float32) @ t), kind="stable")[:100])
         assert len(top32 & top16) >= 95, query
+
+
+def test_kept_bands_give_the_windows_of_fresh_reads(tmp_path, fp32_model, monkeypatch):
+    """The reader's kept bands (one per scale) change nothing: a tiled pyramidal JPEG TIFF of a real plate,
+    read batch by batch in grid order, equals every window read alone with band keeping off."""
+    import tifffile
+    from PIL import Image
+
+    from helpers import allen_plate
+    from napari_cytoclip import windows as windows_module
+    from napari_cytoclip.predict import plan_grid
+    from napari_cytoclip.sections import open_section
+
+    plate = allen_plate(40)
+    with Image.open(plate.image) as im:
+        big = np.asarray(im.convert("L").resize((im.width * 4, im.height * 4), Image.Resampling.BILINEAR))
+    path = tmp_path / "pyramid.tif"
+    per_cm = 1e4 / (plate.um_per_px / 4)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(big, tile=(256, 256), compression="jpeg", subifds=5, resolution=(per_cm, per_cm),
+                  resolutionunit="CENTIMETER")
+        for k in (2, 4, 8, 16, 32):
+            tif.write(np.ascontiguousarray(big[::k, ::k]), tile=(128, 128), compression="jpeg", subfiletype=1,
+                      resolution=(per_cm / k, per_cm / k), resolutionunit="CENTIMETER")
+    section = open_section(path)
+    try:
+        assert len(section.levels) == 6
+        grid, cells, mask = plan_grid(section, fp32_model, STRIDE_UM)
+        reader = windows_module.WindowReader(section, fp32_model.input, mask.polarity)
+        assert len({level for level, _ds, _crop in reader.plans}) > 1
+        batched = np.concatenate([reader.read(grid.centers(cells[i:i + 64])) for i in range(0, len(cells), 64)])
+        assert len(reader._bands) == len(reader.plans)  # bands were kept
+        monkeypatch.setattr(windows_module, "BAND_BYTES", 1)  # nothing fits: every read is fresh
+        fresh = windows_module.WindowReader(section, fp32_model.input, mask.polarity)
+        pick = np.linspace(0, len(cells) - 1, 60).astype(int)
+        alone = np.concatenate([fresh.read(grid.centers(cells[i:i + 1])) for i in pick])
+        assert not fresh._bands
+        np.testing.assert_array_equal(batched[pick], alone)
+    finally:
+        section.close()

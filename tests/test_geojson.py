@@ -95,3 +95,28 @@ def test_write_is_atomic_and_readable(tmp_path):
     path = write_geojson(labels_to_geojson(np.eye(3, dtype=np.uint16), REGIONS), tmp_path / "a.geojson")
     assert json.loads(path.read_text())["type"] == "FeatureCollection"
     assert [p.name for p in tmp_path.iterdir()] == ["a.geojson"]
+
+
+def _square(x0, y0, x1, y1):
+    return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+
+
+def test_partly_outside_is_clipped_entirely_outside_is_refused():
+    part = {"type": "Feature", "geometry": _square(-10, -10, 2, 2), "properties": {"name": "r2"}}
+    labels = geojson_to_labels({"type": "FeatureCollection", "features": [part]}, (4, 4), REGIONS)
+    assert labels[0, 0] == labels[1, 1] == 2 and labels[3, 3] == 0
+    away = {"type": "Feature", "geometry": _square(-30, -30, -20, -20), "properties": {"name": "r2"}}
+    with pytest.raises(CytoclipError, match=r"features 1 \(r2\) lie entirely outside"):
+        geojson_to_labels({"type": "FeatureCollection", "features": [part, away]}, (4, 4), REGIONS)
+
+
+def test_region_id_accepts_integral_values_and_reports_unknown_ids():
+    for rid in (3, 3.0, "3"):
+        doc = {"type": "Feature", "geometry": _square(0, 0, 1, 1), "properties": {"region_id": rid}}
+        assert geojson_to_labels(doc, (1, 1), REGIONS)[0, 0] == 3
+    doc = {"type": "Feature", "geometry": _square(0, 0, 1, 1), "properties": {"region_id": 3.5}}
+    with pytest.raises(CytoclipError, match="region_id"):
+        geojson_to_labels(doc, (1, 1), REGIONS)
+    doc = {"type": "Feature", "geometry": _square(0, 0, 1, 1), "properties": {"region_id": 99}}
+    with pytest.raises(CytoclipError, match="region_id 99"):
+        geojson_to_labels(doc, (1, 1), REGIONS)

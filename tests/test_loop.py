@@ -1,8 +1,8 @@
 """The correction loop in miniature, through the command line: predict, correct, export, fine-tune, reload.
 
 A crop of a real training plate, a tiny random model, the atlas labels as the "corrections"
-(as in ``benchmarks/loop.py``), one short epoch of ``train --init``; the new bundle must load
-with ``model.load_model`` and predict again.
+(as in ``benchmarks/loop.py``), a few steps of ``train --init --replay`` (replay pairs from another
+training plate); the new bundle must load with ``model.load_model`` and predict again.
 """
 from __future__ import annotations
 
@@ -87,14 +87,24 @@ def test_tiny_loop_end_to_end(crop, capsys):
     log = json.loads((root / "export" / "export.json").read_text())["exports"]
     assert log[-1]["corrected_cells"] == len(rows) and log[-1]["confirmed_cells"] == 0
 
-    # 3. fine-tune the start model on the exported pairs
-    _cli(capsys, "train", pairs, "--init", tiny, "--out", root / "tuned", "--epochs", "1", "--batch-size", "64",
-         "--device", "cpu", "--quiet")
+    # 3. fine-tune the start model on the exported pairs, with replay of (a sample of) its training data
+    from napari_cytoclip import allen
+
+    start = load_bundle(tiny)
+    replay = allen.build_pair_folders(root / "replay", "train", start.input, start.regions, start.label_um, 800.0,
+                                      plate_numbers=[36])
+    n_replay = len(read_pairs(replay[0])[0])
+    _cli(capsys, "train", pairs, "--init", tiny, "--out", root / "tuned", "--replay", *replay, "--epochs", "2",
+         "--batch-size", "32", "--steps-per-epoch", "2", "--device", "cpu", "--quiet")
     tuned = root / "tuned"
     assert (tuned / BUNDLE_JSON).is_file() and (tuned / BUNDLE_WEIGHTS).is_file()
     assert not (root / "tuned.ckpt").exists()
     bundle = load_bundle(tuned)
     assert bundle.provenance["n_pairs"] == len(rows) and bundle.provenance["trained_from"] == "tiny-cytoclip"
+    assert bundle.provenance["pairs"] == ["export/pairs"] and bundle.provenance["replay"] == ["plate_036"]
+    assert bundle.provenance["n_replay_pairs"] == n_replay > 20
+    assert bundle.provenance["config"]["new_per_batch"] == 16 and len(bundle.provenance["history"]) == 2
+    assert str(root) not in (tuned / BUNDLE_JSON).read_text()
     assert [r.id for r in bundle.regions] == [r.id for r in load_bundle(tiny).regions]
     before, after = read_state_dict(Path(tiny) / BUNDLE_WEIGHTS), read_state_dict(tuned / BUNDLE_WEIGHTS)
     assert any(not np.array_equal(before[k].numpy(), after[k].numpy()) for k in after if k.startswith("visual."))
@@ -152,3 +162,12 @@ def test_epochs_for_a_step_budget():
     assert loop.epochs_for(100, 60, 64) == 60   # one step per epoch
     assert loop.epochs_for(640, 60, 64) == 6
     assert loop.epochs_for(64_000, 60, 64) == 1  # never less than one epoch
+
+
+def test_schedule_for_gives_the_step_budget():
+    assert loop.schedule_for(361, 60, 32) == (5, 12)     # 11 steps a pass over the corrections -> 5 x 12
+    assert loop.schedule_for(3864, 60, 32) == (1, 60)    # more corrections than the budget: one partial epoch
+    assert loop.schedule_for(6923, 60, 64) == (1, 60)
+    for n in (10, 361, 1397, 3864):
+        epochs, per_epoch = loop.schedule_for(n, 60, 32)
+        assert abs(epochs * per_epoch - 60) <= epochs // 2 + 1

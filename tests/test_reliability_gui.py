@@ -3,8 +3,10 @@
 What tests/test_widgets.py already covers is not repeated (cancel and rerun of a prediction, closing
 the layer or the viewer during a prediction, two images one after the other, the basic error
 path). Added here: the bad-input catalogue with its notifications, two predictions running at the
-same time on two layers, cancelling an export and a fine-tune, and closing the viewer while a
-fine-tune runs. The images are small synthetic sections, so each run takes a fraction of a second.
+same time on two layers, cancelling an export and a fine-tune, closing the viewer while a
+fine-tune or an export runs, closing the regions layer during an export, and a stack layer (the
+viewer's current plane is predicted). The images are small synthetic sections, so each run takes a
+fraction of a second.
 """
 from __future__ import annotations
 
@@ -185,19 +187,11 @@ def _layer_scale(value):
     return setup
 
 
-BUG_STACK = ("widgets.predict_widget._prepare/common.section_for_layer: a stack layer is refused with the CLI's "
-             "'choose one with --plane / plane=' (the widget has no such control) instead of predicting the plane "
-             "the viewer shows")
-BUG_SPINBOX = ("widgets.predict_widget.PredictWidget._on_image_changed: a layer scale above the 'Pixel size' spin "
-               "box maximum (10000 um) raises ValueError inside the layer combo box's callback (an exception in the "
-               "Qt event loop, no notification); the spin box keeps the previous image's pixel size, which a run "
-               "then uses silently")
-
 WIDGET_CASES = {
     # id: (setup, notification level, regex, xfail)
     "pixel_size_unknown": (_image(tissue()), "error", r"pixel size", None),
     "pixel_size_implausible": (_pixel_size(800.0), "warning", r"outside the usual", None),
-    "pixel_size_beyond_the_spin_box": (_layer_scale(20000.0), "error", r"20000|absurd|pixel size", BUG_SPINBOX),
+    "pixel_size_beyond_the_spin_box": (_layer_scale(20000.0), "error", r"20000|absurd|pixel size", None),
     "model_folder_missing": (_missing_model, "error", r"not found", None),
     "model_json_malformed": (_malformed_json, "error", r"malformed JSON", None),
     "model_weights_corrupt": (_corrupt_weights, "error", r"cannot read the weights", None),
@@ -205,7 +199,7 @@ WIDGET_CASES = {
     "image_all_nan": (_image(np.full((240, 300), np.nan, np.float32), scale=(PX, PX)), "error", r"NaN", None),
     "image_bool": (_image(tissue() < 128, scale=(PX, PX)), "error", r"pixel type", None),
     "image_stack_of_5_planes": (_image(np.stack([tissue(seed=k) for k in range(5)]), scale=(1, PX, PX)), "none",
-                                r"", BUG_STACK),
+                                r"", None),
 }
 
 
@@ -224,6 +218,8 @@ def test_widget_bad_input_catalogue(case, viewer_model, qtbot, tiny_dir, tmp_pat
     with qtbot.capture_exceptions() as raised:  # choosing an input must never raise in the event loop
         kind = setup(viewer, widget, tiny_dir, tmp_path)
     assert not raised, [str(exc[1]) for exc in raised]
+    if case == "pixel_size_beyond_the_spin_box":  # shown as it is, not clamped to the spin box's maximum
+        assert widget.pixel_size.value == 20000.0
     notes.clear()
     state = widget.run_blocking()
     assert not (tmp_path / "PWNED").exists()
@@ -336,8 +332,6 @@ def predicted_and_exported(viewer, tiny_dir, out: Path, n_corrected: int = 20):
     return viewer, widget, export, state
 
 
-@pytest.mark.xfail(strict=True, reason="widgets.export_widget.ExportWidget: an export cannot be cancelled (Cancel "
-                                       "is only enabled for fine-tuning and export_corrections has no stop hook)")
 def test_export_can_be_cancelled_and_rerun(viewer_model, qtbot, tiny_dir, tmp_path, monkeypatch, shared_models):
     from napari_cytoclip.pairs import read_pairs
 
@@ -412,3 +406,106 @@ def test_closing_the_viewer_while_finetuning(make_napari_viewer, qtbot, tiny_dir
     assert not [name for name in left if name.startswith(".") or name.endswith(".ckpt")], left
     for name in left:
         load_bundle(out / "models" / name)
+
+
+def _slow_export(monkeypatch, delay: float = 0.05) -> None:
+    """Each exported tile takes at least ``delay`` s, so an export can be caught in the middle."""
+    import napari_cytoclip.pairs as pairs_mod
+
+    real = pairs_mod.encode_png
+    monkeypatch.setattr(pairs_mod, "encode_png", lambda image: (time.sleep(delay), real(image))[1])
+
+
+def _repaint(state, cells, label: int, other: int) -> None:
+    labels = state.labels_layer
+    for r, c in cells:
+        labels.data[r, c] = label if labels.data[r, c] != label else other
+    labels.refresh()
+
+
+def _pair_folder_whole(folder: Path) -> int:
+    """Every listed pair's tile exists and is listed once; returns how many pairs there are."""
+    from napari_cytoclip.pairs import read_pairs
+
+    files, captions, records = read_pairs(folder)
+    assert all(f.is_file() for f in files) and len(set(files)) == len(files)
+    assert len(records) == len(files) and all(r.get("filepath") for r in records)
+    assert not [p.name for p in folder.rglob("*") if p.name.startswith(".")]  # no temp file left
+    return len(files)
+
+
+def test_closing_the_regions_layer_during_an_export(viewer_model, qtbot, tiny_dir, tmp_path, monkeypatch,
+                                                    shared_models, notes):
+    """The export works on a copy of the layer: it finishes; the widget then has no layer to export."""
+    out = tmp_path / "export"
+    viewer, widget, export, state = predicted_and_exported(viewer_model, tiny_dir, out)
+    before = _pair_folder_whole(out / "pairs")
+    _repaint(state, state.prediction.cells[20:40], 12, 2)
+    _slow_export(monkeypatch)
+    with qtbot.capture_exceptions() as raised:
+        worker = export.export()
+        assert worker is not None and export.cancel_button.enabled and not export.export_button.enabled
+        qtbot.waitUntil(lambda: len(list((out / "pairs" / "tiles").iterdir())) > before + 2, timeout=20000)
+        viewer.layers.remove(state.labels_layer)
+        wait_worker(qtbot, export)
+    assert not raised, [str(exc[1]) for exc in raised]
+    assert export.result.text().startswith("Exported") and _pair_folder_whole(out / "pairs") == before + 20
+    assert export.layer.value is None and export.export_button.enabled and not export.cancel_button.enabled
+    notes.clear()
+    assert export.export(blocking=True) is None
+    assert any(level == "error" and "regions layer" in text for level, text in notes), notes
+
+
+def test_closing_the_viewer_during_an_export(make_napari_viewer, qtbot, tiny_dir, tmp_path, monkeypatch,
+                                            shared_models):
+    """The viewer closes under a running export: nothing raises in the event loop; the pair folder stays whole."""
+    out = tmp_path / "export"
+    viewer, widget, export, state = predicted_and_exported(make_napari_viewer(), tiny_dir, out)
+    before = _pair_folder_whole(out / "pairs")
+    _repaint(state, state.prediction.cells[20:50], 12, 2)
+    _slow_export(monkeypatch)
+    with qtbot.capture_exceptions() as raised:
+        worker = export.export()
+        qtbot.waitUntil(lambda: len(list((out / "pairs" / "tiles").iterdir())) > before + 2, timeout=20000)
+        viewer.close()
+        qtbot.waitUntil(lambda: not worker.is_running, timeout=30000)
+        qtbot.wait(100)  # let queued signals (returned, finished) reach the deleted widgets
+    assert not raised, [str(exc[1]) for exc in raised]
+    assert _pair_folder_whole(out / "pairs") in (before, before + 30)  # all of the export or none of it
+
+
+def test_stack_layer_predicts_the_plane_the_viewer_shows(viewer_model, qtbot, tiny_dir, shared_models, notes):
+    """A stack is predicted one plane at a time: the viewer's current slice; another slice, another layer."""
+    from napari_cytoclip.model import load_model
+    from napari_cytoclip.predict import predict_section
+    from napari_cytoclip.sections import section_from_array
+
+    viewer = viewer_model
+    planes = [tissue(seed=k) for k in range(3)]
+    planes[2] = np.ascontiguousarray(planes[2][::-1, ::-1])
+    stack = viewer.add_image(np.stack(planes), name="stack", scale=(1.0, PX, PX))
+    widget = predict_widget(viewer, tiny_dir)
+    widget.image.value = stack
+    viewer.dims.set_current_step(0, 0)
+    assert not widget.plane.native.isHidden() and widget.plane.value.startswith("plane 0 of 3"), widget.plane.value
+    viewer.dims.set_current_step(0, 2)
+    assert widget.plane.value.startswith("plane 2 of 3"), widget.plane.value
+    assert widget.pixel_size.value == PX
+
+    model = load_model(tiny_dir, device="cpu", precision="fp32")
+    results = {}
+    for k in (2, 0):
+        viewer.dims.set_current_step(0, k)
+        state = widget.run_blocking()
+        assert state is not None and state.complete, widget.status.text()
+        expected = predict_section(section_from_array(planes[k], PX), model)
+        np.testing.assert_array_equal(state.labels_layer.data, expected.labels)
+        assert state.labels_layer.name == f"cytoclip regions (stack [plane {k}])"
+        assert state.section.source.endswith(f"[plane {k}]")
+        np.testing.assert_array_equal(np.asarray(state.section.levels[0]), planes[k])  # that plane's pixels
+        results[k] = state
+    assert results[0].labels_layer is not results[2].labels_layer and len(cytoclip_layers(viewer)) == 4
+    assert not [text for level, text in notes if level in ("error", "warning")], notes
+    # a plain 2D image has no plane to choose
+    widget.image.value = viewer.add_image(tissue(), name="flat", scale=(PX, PX))
+    assert widget.plane.native.isHidden()

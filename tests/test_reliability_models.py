@@ -194,12 +194,6 @@ class BundleCase:
     cli_xfail: str | None = "same"
 
 
-BUG_NONFINITE = ("bundle._check_input/bundle_from_json: NaN or infinite scales_um, mean, std, label_um or stride_um "
-                 "(json.loads reads NaN/Infinity) are accepted; prediction then crashes or gives NaN probabilities")
-BUG_PROMPTS_TYPE = ("bundle.region_from_dict: 'prompts' that is null or a number raises TypeError (not a "
-                    "BundleError), so the CLI prints a traceback")
-BUG_FRACTIONAL_ID = "bundle.region_from_dict: a fractional region id (1.5) is silently truncated with int()"
-
 BUNDLE_CASES = [
     # the folder and its description
     BundleCase("folder_missing", bundle_missing, r"not found"),
@@ -232,21 +226,18 @@ BUNDLE_CASES = [
     BundleCase("scales_negative", edit_json(setting("input", scales_um=[-320.0, 640.0, 1280.0])), r"scales_um"),
     BundleCase("scales_text", edit_json(setting("input", scales_um=["wide"])), r"input"),
     BundleCase("scales_nan", edit_json(setting("input", scales_um=[float("nan"), 640.0, 1280.0])),
-               r"scales_um|finite", xfail=BUG_NONFINITE),
+               r"scales_um|finite"),
     BundleCase("scales_infinite", edit_json(setting("input", scales_um=[float("inf"), 640.0, 1280.0])),
-               r"scales_um|finite", xfail=BUG_NONFINITE),
+               r"scales_um|finite"),
     BundleCase("rgb_with_three_scales", edit_json(setting("input", mode="rgb")), r"one window size"),
     BundleCase("std_zero", edit_json(setting("input", std=[0.0, 0.2, 0.2])), r"std"),
-    BundleCase("std_nan", edit_json(setting("input", std=[float("nan")] * 3)), r"std|finite", xfail=BUG_NONFINITE),
-    BundleCase("mean_nan", edit_json(setting("input", mean=[float("nan")] * 3)), r"mean|finite",
-               xfail=BUG_NONFINITE),
+    BundleCase("std_nan", edit_json(setting("input", std=[float("nan")] * 3)), r"std|finite"),
+    BundleCase("mean_nan", edit_json(setting("input", mean=[float("nan")] * 3)), r"mean|finite"),
     BundleCase("mean_two_values", edit_json(setting("input", mean=[0.5, 0.5])), r"mean"),
     BundleCase("label_um_negative", edit_json(setting(None, label_um=-200.0)), r"positive"),
     BundleCase("label_um_text", edit_json(setting(None, label_um="wide")), r"numbers"),
-    BundleCase("label_um_infinite", edit_json(setting(None, label_um=float("inf"))), r"label_um|finite",
-               xfail=BUG_NONFINITE),
-    BundleCase("stride_um_infinite", edit_json(setting(None, stride_um=float("inf"))), r"stride_um|finite",
-               xfail=BUG_NONFINITE),
+    BundleCase("label_um_infinite", edit_json(setting(None, label_um=float("inf"))), r"label_um|finite"),
+    BundleCase("stride_um_infinite", edit_json(setting(None, stride_um=float("inf"))), r"stride_um|finite"),
     # regions
     BundleCase("regions_missing", edit_json(drop("regions")), r"regions"),
     BundleCase("regions_empty", edit_json(setting(None, regions=[])), r"empty"),
@@ -256,7 +247,7 @@ BUNDLE_CASES = [
     BundleCase("region_id_too_large", edit_json(region(0, id=70000)), r"between 1 and 65535"),
     BundleCase("region_id_missing", edit_json(region(0, id=DROP)), r"integer 'id'"),
     BundleCase("region_id_text", edit_json(region(0, id="isocortex")), r"integer 'id'"),
-    BundleCase("region_id_fractional", edit_json(region(0, id=1.5)), r"integer|id", xfail=BUG_FRACTIONAL_ID),
+    BundleCase("region_id_fractional", edit_json(region(0, id=1.5)), r"integer|id"),
     BundleCase("region_name_missing", edit_json(region(0, name=DROP)), r"no name"),
     BundleCase("region_name_blank", edit_json(region(0, name="   ")), r"no name"),
     BundleCase("colour_word", edit_json(region(0, color="red")), r"colour 'red'"),
@@ -268,8 +259,8 @@ BUNDLE_CASES = [
     BundleCase("prompts_a_string", edit_json(region(0, prompts="a Nissl tile")), r"prompts"),
     BundleCase("prompts_blank", edit_json(region(0, prompts=["  "])), r"prompts"),
     BundleCase("prompts_numbers", edit_json(region(0, prompts=[1, 2])), r"prompts"),
-    BundleCase("prompts_null", edit_json(region(0, prompts=None)), r"prompts", xfail=BUG_PROMPTS_TYPE),
-    BundleCase("prompts_a_number", edit_json(region(0, prompts=5)), r"prompts", xfail=BUG_PROMPTS_TYPE),
+    BundleCase("prompts_null", edit_json(region(0, prompts=None)), r"prompts"),
+    BundleCase("prompts_a_number", edit_json(region(0, prompts=5)), r"prompts"),
     # weights
     BundleCase("weights_missing", write_file("weights.safetensors", None), r"missing weights\.safetensors"),
     BundleCase("weights_empty", write_file("weights.safetensors", b""), r"cannot read the weights"),
@@ -500,7 +491,6 @@ def test_malicious_pickle_is_never_unpickled(entry, tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("entry", ["train_resume_checkpoint", "train_text_feature_cache"])
-@pytest.mark.xfail(strict=True, reason=CLEAR_ERROR_BUG)
 def test_malicious_checkpoint_error_is_clear(entry, tiny_dir, tmp_path):
     marker = tmp_path / "PWNED"
     path, load = PICKLE_ENTRIES[entry](tmp_path, marker, tiny_dir)

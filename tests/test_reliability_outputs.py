@@ -300,9 +300,6 @@ def test_results_folder_overwrite_keeps_old_results_on_fault(env, tmp_path, disk
     assert not hidden(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="io_utils.new_output_folder: an error inside the temp folder is re-raised as "
-                                       "is, so the message names a temp file that no longer exists "
-                                       "('.res.k2j3/labels.tif'), not the results folder")
 def test_disk_full_message_names_the_results_folder(env, tmp_path, disk):
     from napari_cytoclip.outputs import write_prediction_folder
 
@@ -323,11 +320,6 @@ EXPORT_PHASES = {
     "labels_fullres.tif": matcher("labels_fullres.tif"),
     "export.json": matcher("export.json"),
 }
-BUG_JSONL = ("pairs.write_pairs: pairs.csv is rewritten before pairs.jsonl; a fault between the two leaves pairs "
-             "listed in the CSV without provenance, and a rerun skips them as 'already there', so their region "
-             "ids are lost for good (training then treats them as new caption classes)")
-
-
 def valid_version(path: Path, grid_shape) -> None:
     """``path`` holds a complete file of its kind (old or new, but whole)."""
     if path.suffix == ".tif":
@@ -358,8 +350,7 @@ def check_pairs_consistent(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("fault", ["disk_full", "interrupt"])
-@pytest.mark.parametrize("phase", [pytest.param(p, marks=[pytest.mark.xfail(strict=True, reason=BUG_JSONL)]
-                                                if p == "pairs.jsonl" else []) for p in EXPORT_PHASES])
+@pytest.mark.parametrize("phase", list(EXPORT_PHASES))
 def test_export_fault_midway_keeps_earlier_export(env, tmp_path, disk, phase, fault):
     """A second export fails in the middle of one of its files: the first stays intact, a rerun finishes."""
     from napari_cytoclip.export import export_corrections
@@ -410,9 +401,6 @@ def test_atomic_write_keeps_the_old_file_on_disk_full(tmp_path, disk):
     assert path.read_bytes() == b"old content" and not hidden(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="bundle.save_bundle: an OSError while writing the weights (disk full) is "
-                                       "re-raised raw, naming a temp file, instead of an error naming the model "
-                                       "folder")
 def test_save_bundle_disk_full(env, tmp_path, monkeypatch):
     """A model bundle that cannot be written completely is not written at all, and the error names it."""
     import safetensors.torch
@@ -501,12 +489,7 @@ SYMLINK_CASES = {
     "export_json_links_out": (plant_file_link("export.json"), "replace_link"),
     "pairs_csv_links_out": (plant_file_link("pairs/pairs.csv"), "replace_link"),
 }
-BUG_PAIRS_LINK = ("export.export_corrections/pairs.write_pairs: the containment check is made against the pairs "
-                  "folder itself, so an export folder whose 'pairs' is a symlink writes tiles and CSVs outside it")
-
-
-@pytest.mark.parametrize("case", [pytest.param(k, marks=[pytest.mark.xfail(strict=True, reason=BUG_PAIRS_LINK)]
-                                               if k == "pairs_folder_links_out" else []) for k in SYMLINK_CASES])
+@pytest.mark.parametrize("case", list(SYMLINK_CASES))
 def test_exports_never_write_outside_their_folder(env, tmp_path, case):
     plant, expect = SYMLINK_CASES[case]
     outside = tmp_path / "outside"
@@ -548,9 +531,6 @@ def test_pair_rows_cannot_point_outside(tmp_path):
         read_pairs(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="widgets.export_widget.next_model_folder: the bundle's name (user text from "
-                                       "cytoclip.json) goes into the path unsanitised; '../../x' escapes "
-                                       "<output>/models")
 @pytest.mark.parametrize("name", ["../../escape", "/absolute/model", "a/b/../../../c"])
 def test_finetuned_model_folder_stays_inside(name, tmp_path):
     from napari_cytoclip.widgets.export_widget import next_model_folder
@@ -583,44 +563,33 @@ def feature(geometry=SQUARE, **props):
     return {"type": "Feature", "geometry": geometry, "properties": props}
 
 
-BUG_GEO_PROPS = ("geojson._region_for: a non-numeric 'region_id' raises ValueError and non-object 'properties' "
-                 "raise AttributeError, instead of a CytoclipError naming the file")
-BUG_GEO_NAME = ("geojson.geojson_to_labels: the unknown-name message reports classification.name only, so a feature "
-                "named by 'name' (QGIS, many tools) is reported as 'None'; a 'classification' given as a plain "
-                "string is not matched at all")
-BUG_GEO_OUTSIDE = ("geojson.geojson_to_labels: a feature lying entirely outside the label grid (a GeoJSON of another "
-                   "image or scale) is dropped silently")
-BUG_GEO_FOLDER = "geojson._load: a folder raises IsADirectoryError instead of a CytoclipError"
-
 GEOJSON_CASES = {
-    "missing_file": (None, r"not found", None),
-    "a_folder": ("<folder>", r"folder|not a file|directory", BUG_GEO_FOLDER),
-    "empty_file": (b"", r"not valid JSON", None),
-    "not_utf8": (b"\xff\xfe\x00\x01", r"not valid JSON", None),
+    "missing_file": (None, r"not found"),
+    "a_folder": ("<folder>", r"folder|not a file|directory"),
+    "empty_file": (b"", r"not valid JSON"),
+    "not_utf8": (b"\xff\xfe\x00\x01", r"not valid JSON"),
     "truncated": (json.dumps({"type": "FeatureCollection", "features": [feature(name="Isocortex")]})[:40],
-                  r"not valid JSON", None),
-    "top_level_array": ([feature(name="Isocortex")], r"must be an object", None),
-    "top_level_null": ("null", r"must be an object", None),
-    "features_not_a_list": ({"type": "FeatureCollection", "features": {"a": 1}}, r"FeatureCollection", None),
-    "feature_not_an_object": ({"type": "FeatureCollection", "features": [7]}, r"not an object", None),
-    "geometry_missing": (feature(None, name="Isocortex"), r"Polygon", None),
-    "geometry_point": (feature({"type": "Point", "coordinates": [1, 1]}, name="Isocortex"), r"Polygon", None),
-    "coordinates_null": (feature({"type": "MultiPolygon", "coordinates": None}, name="Isocortex"), r"malformed",
-                         None),
+                  r"not valid JSON"),
+    "top_level_array": ([feature(name="Isocortex")], r"must be an object"),
+    "top_level_null": ("null", r"must be an object"),
+    "features_not_a_list": ({"type": "FeatureCollection", "features": {"a": 1}}, r"FeatureCollection"),
+    "feature_not_an_object": ({"type": "FeatureCollection", "features": [7]}, r"not an object"),
+    "geometry_missing": (feature(None, name="Isocortex"), r"Polygon"),
+    "geometry_point": (feature({"type": "Point", "coordinates": [1, 1]}, name="Isocortex"), r"Polygon"),
+    "coordinates_null": (feature({"type": "MultiPolygon", "coordinates": None}, name="Isocortex"), r"malformed"),
     "coordinates_text": (feature({"type": "Polygon", "coordinates": [[["a", "b"], [1, 2], [3, 4]]]},
-                                 name="Isocortex"), r"malformed", None),
+                                 name="Isocortex"), r"malformed"),
     "coordinates_nan": (feature({"type": "Polygon", "coordinates": [[[float("nan"), 0], [1, 2], [3, 4]]]},
-                                name="Isocortex"), r"malformed", None),
+                                name="Isocortex"), r"malformed"),
     "ring_of_two_points": (feature({"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}, name="Isocortex"),
-                           r"malformed", None),
-    "unknown_classification": (feature(classification={"name": "Claustrum"}), r"Claustrum", None),
-    "unknown_plain_name": (feature(name="Claustrum"), r"Claustrum", BUG_GEO_NAME),
-    "region_id_not_a_number": (feature(region_id="cortex"), r"region|cortex", BUG_GEO_PROPS),
-    "properties_not_an_object": ({"type": "Feature", "geometry": SQUARE, "properties": [1, 2]}, r"propert",
-                                 BUG_GEO_PROPS),
+                           r"malformed"),
+    "unknown_classification": (feature(classification={"name": "Claustrum"}), r"Claustrum"),
+    "unknown_plain_name": (feature(name="Claustrum"), r"Claustrum"),
+    "region_id_not_a_number": (feature(region_id="cortex"), r"region|cortex"),
+    "properties_not_an_object": ({"type": "Feature", "geometry": SQUARE, "properties": [1, 2]}, r"propert"),
     "feature_outside_the_grid": (feature({"type": "Polygon", "coordinates": [[[500, 500], [520, 500], [520, 520],
                                                                               [500, 520], [500, 500]]]},
-                                         name="Isocortex"), r"outside", BUG_GEO_OUTSIDE),
+                                         name="Isocortex"), r"outside"),
 }
 GEOJSON_OK = {
     "classification_object": (feature(classification={"name": "striatum", "color": [1, 2, 3]}), 2),
@@ -630,12 +599,11 @@ GEOJSON_OK = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(k, marks=[pytest.mark.xfail(strict=True, reason=v[2])] if v[2] else [])
-                                  for k, v in GEOJSON_CASES.items()])
+@pytest.mark.parametrize("case", list(GEOJSON_CASES))
 def test_geojson_readback_catalogue(case, tmp_path):
     from napari_cytoclip.geojson import geojson_to_labels
 
-    content, pattern, _ = GEOJSON_CASES[case]
+    content, pattern = GEOJSON_CASES[case]
     path = tmp_path / f"{case}.geojson"
     if content == "<folder>":
         path.mkdir()
@@ -651,8 +619,7 @@ def test_geojson_readback_catalogue(case, tmp_path):
     assert str(path) in str(info.value) and re.search(pattern, str(info.value), re.I), str(info.value)
 
 
-@pytest.mark.parametrize("case", [pytest.param(k, marks=[pytest.mark.xfail(strict=True, reason=BUG_GEO_NAME)]
-                                               if k == "classification_string" else []) for k in GEOJSON_OK])
+@pytest.mark.parametrize("case", list(GEOJSON_OK))
 def test_geojson_readback_accepts(case, tmp_path):
     from napari_cytoclip.geojson import geojson_to_labels
 

@@ -24,13 +24,6 @@ MD787 = DATA / "mitra_md787_mouse_nissl_series" / "sections"
 needs_data = pytest.mark.skipif(not PLATES.is_dir() or not MD787.is_dir(),
                                 reason=f"the real data in {DATA} (shared/data beside the clone) is not there")
 
-BUG_READ = ("sections.Section.read (line 98, np.asarray(arr[...])): pixel-decoding errors of a damaged TIFF "
-            "escape as imagecodecs/tifffile exceptions (e.g. DeflateError) instead of a SectionError naming the file")
-BUG_REPEATED_AXES = ("sections._squeeze_axes (line 325): order = [axes.index(a) ...] repeats the first index when "
-                     "tifffile's axes repeat a letter ('QQYX' for a plain 4-D TIFF stack), so transpose fails and the "
-                     "file cannot be opened at all ('cannot read the TIFF (ValueError: Repeated elements ...)'), "
-                     "with or without plane=; expected: 'stack of 6 planes' and plane= picking one. Use positions "
-                     "(enumerate) instead of axes.index")
 
 
 def rng_image(shape, dtype=np.uint8, seed=0):
@@ -119,7 +112,6 @@ def test_levels_are_lazy_dask_arrays_read_tile_by_tile(tmp_path):
     s.close()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_READ)
 def test_damaged_tiff_pixels_raise_section_error(tmp_path):
     img = rng_image((512, 512))
     path = tmp_path / "damaged.tif"
@@ -248,7 +240,6 @@ def test_4d_imagej_hyperstack_needs_a_plane(tmp_path):
         quiet_open(tmp_path / "stack.tif", plane=6)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_REPEATED_AXES)
 def test_4d_plain_tiff_stack_needs_a_plane(tmp_path):
     stack = rng_image((2, 3, 40, 50))
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")  # tifffile axes 'QQYX'

@@ -1,6 +1,8 @@
 """From tile embeddings to region probabilities, and from overlapping windows to a label grid."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -14,8 +16,12 @@ def region_probabilities(embeddings: np.ndarray, region_embeddings: np.ndarray, 
 
 
 def footprint_radius(label_um: float, stride_um: float) -> int:
-    """How many neighbouring cells (each way) a window's label covers."""
-    return max(0, int(round((label_um / stride_um - 1) / 2)))
+    """How many neighbouring cells (each way) a window's label covers.
+
+    ``(label / stride - 1) / 2`` rounded to the nearest integer, ties down for every ratio (label/stride
+    2, 4, 6 give 0, 1, 2), with a tolerance so that float noise does not break a tie.
+    """
+    return max(0, math.ceil((label_um / stride_um - 1) / 2 - 0.5 - 1e-9))
 
 
 def vote(cells: np.ndarray, probs: np.ndarray, grid_shape: tuple[int, int], radius: int) -> tuple[np.ndarray, np.ndarray]:

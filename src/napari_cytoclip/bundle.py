@@ -19,12 +19,13 @@ import csv
 import hashlib
 import importlib.util
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
+from .errors import BundleError, OutputError
 
 BUNDLE_JSON = "cytoclip.json"
 BUNDLE_WEIGHTS = "weights.safetensors"
@@ -142,19 +143,35 @@ def parse_color(value: Any, source: Any) -> str:
     raise BundleError(source, f"colour {value!r} is not '#rrggbb' or an RGB triple")
 
 
+def _region_id(value: Any) -> int | None:
+    """An integer id from an int, an integral float or a decimal string; None otherwise (1.5 is refused)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
 def region_from_dict(d: dict, source: Any) -> Region:
     if not isinstance(d, dict):
         raise BundleError(source, f"a region must be an object, got {d!r}")
-    try:
-        rid = int(d["id"])
-    except (KeyError, TypeError, ValueError):
-        raise BundleError(source, f"region {d!r} has no integer 'id'") from None
+    rid = _region_id(d.get("id"))
+    if rid is None:
+        raise BundleError(source, f"region {d!r} has no integer 'id'")
     name = str(d.get("name", "")).strip()
     if not name:
         raise BundleError(source, f"region {rid} has no name")
     prompts = d.get("prompts", [])
-    if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise BundleError(source, f"region {rid} ({name}): 'prompts' must be a list of non-empty strings")
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise BundleError(source, f"region {rid} ({name}): 'prompts' must be a list of non-empty strings, "
+                                  f"got {prompts!r}")
     return Region(rid, name, str(d.get("acronym", "")), parse_color(d.get("color", "#808080"), source),
                   str(d.get("description", "")), tuple(prompts))
 
@@ -258,6 +275,8 @@ def bundle_from_json(meta: Any, source: Any) -> ModelBundle:
         stride_um = float(meta.get("stride_um", label_um))
     except (TypeError, ValueError):
         raise BundleError(source, "'label_um' and 'stride_um' must be numbers") from None
+    if not (math.isfinite(label_um) and math.isfinite(stride_um)):
+        raise BundleError(source, f"'label_um' and 'stride_um' must be finite numbers, got {label_um} and {stride_um}")
     if not (label_um > 0 and stride_um > 0):
         raise BundleError(source, "'label_um' and 'stride_um' must be positive")
     return ModelBundle(name=str(meta.get("name", "unnamed")), architecture=arch, input=spec, regions=regions,
@@ -273,14 +292,18 @@ def _check_input(spec: InputSpec, source: Any) -> None:
         raise BundleError(source, f"input mode must be one of {MODES}, got {spec.mode!r}")
     if spec.polarity not in POLARITIES:
         raise BundleError(source, f"polarity must be one of {POLARITIES}, got {spec.polarity!r}")
-    if not spec.scales_um or any(s <= 0 for s in spec.scales_um):
-        raise BundleError(source, "scales_um must list positive window sizes in micrometres")
+    if not spec.scales_um or not all(math.isfinite(s) and s > 0 for s in spec.scales_um):
+        raise BundleError(source, "scales_um must list positive, finite window sizes in micrometres, "
+                                  f"got {list(spec.scales_um)}")
     if spec.mode == "rgb" and len(spec.scales_um) != 1:
         raise BundleError(source, "an 'rgb' model sees one window size: give one value in scales_um")
     if spec.mode == "gray_scales" and len(spec.scales_um) not in (1, 3):
         raise BundleError(source, "a 'gray_scales' model stacks 1 or 3 window sizes as its 3 channels")
     if len(spec.mean) != 3 or len(spec.std) != 3 or any(s <= 0 for s in spec.std):
         raise BundleError(source, "mean and std need three values, std positive")
+    if not all(math.isfinite(v) for v in (*spec.mean, *spec.std)):
+        raise BundleError(source, f"mean and std must be finite numbers, got mean {list(spec.mean)} "
+                                  f"and std {list(spec.std)}")
 
 
 def save_bundle(bundle: ModelBundle, state_dict: dict, folder: str | Path) -> Path:
@@ -294,13 +317,19 @@ def save_bundle(bundle: ModelBundle, state_dict: dict, folder: str | Path) -> Pa
     folder = Path(folder)
     if folder.exists():
         raise BundleError(folder, "already exists; choose a new folder for the model")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:
+        raise OutputError(folder.parent, f"cannot create the model folder here ({exc.strerror or exc})") from None
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / BUNDLE_WEIGHTS))
         (tmp / BUNDLE_JSON).write_text(json.dumps(bundle.to_json(), indent=1), encoding="utf-8")
         os.replace(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(folder, f"the model could not be written ({exc.strerror or exc})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,6 +43,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="results go to DIR/<image name>/")
     _add_common(p)
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="micrometres per pixel")
+    p.add_argument("--plane", type=int, default=None, metavar="N",
+                   help="for a stack (TIFF planes, GIF frames): predict on plane N, counted from 0 in row-major order")
     p.add_argument("--stride-um", type=float, default=None, metavar="UM", help="grid step (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N")
     p.add_argument("--full-resolution", action="store_true", help="also write labels on the image's pixel grid")
@@ -60,6 +62,15 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, metavar="N")
     p.add_argument("--lr", type=float, default=1e-3, metavar="F")
     p.add_argument("--val", type=Path, nargs="+", default=None, metavar="PAIRS")
+    p.add_argument("--replay", type=Path, nargs="+", default=None, metavar="PAIRS",
+                   help="pair folders of the data the --init model learnt from, mixed into every batch so that "
+                        "fine-tuning on a few corrections does not make it forget the rest")
+    p.add_argument("--replay-ratio", type=float, default=1.0, metavar="R",
+                   help="replay pairs drawn per new pair (default 1: half of every batch)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
+                   help="optimiser steps per epoch (default: one pass over the new pairs)")
+    p.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="learning-rate warmup (default: 100, or a tenth of all steps when fewer)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--seed", type=int, default=0, metavar="N")
     p.add_argument("--time-budget-s", type=float, default=None, metavar="S")
@@ -143,12 +154,16 @@ def cmd_predict(args) -> int:
         args.pixel_size = args.pixel_size or float(info["pixel_size_um"])
     if not args.images:
         raise ValueError("give at least one IMAGE (or --sample)")
+    if args.plane is not None and args.plane < 0:
+        raise ValueError(f"--plane must be at least 0, got {args.plane}")
     targets = _predict_targets(args.images, args.out, args.overwrite)
     if args.scheduler:
+        if args.plane is not None:
+            raise ValueError("--plane cannot be combined with --scheduler")
         return _predict_distributed(args)
     model = _model(args, args.model)
     for image, target in zip(args.images, targets):
-        section = open_section(image, pixel_size_um=args.pixel_size)
+        section = open_section(image, pixel_size_um=args.pixel_size, plane=args.plane)
         try:
             section.require_pixel_size()
             prediction = _predict_one(section, model, args, image.name)
@@ -199,9 +214,12 @@ def _predict_distributed(args) -> int:
     except ImportError as exc:
         raise CytoclipError(None, f"--scheduler needs napari_cytoclip.distributed, which is not available ({exc})") \
             from None
-    predict_many(args.images, args.out, model=args.model, scheduler=args.scheduler, pixel_size_um=args.pixel_size,
-                 stride_um=args.stride_um, batch_size=args.batch_size, device=args.device, precision=args.precision,
-                 full_resolution=args.full_resolution, overwrite=args.overwrite)
+    targets = predict_many(args.images, args.out, model=args.model, scheduler=args.scheduler,
+                           pixel_size_um=args.pixel_size, stride_um=args.stride_um, batch_size=args.batch_size,
+                           device=args.device, precision=args.precision, full_resolution=args.full_resolution,
+                           overwrite=args.overwrite)
+    for target in targets:
+        print(target, flush=True)
     return 0
 
 
@@ -211,8 +229,16 @@ def cmd_train(args) -> int:
     if args.out.exists():
         raise OutputError(args.out, "already exists; choose a new folder for the trained model")
     bundle = _bundle(args.init)
+    for name in ("epochs", "batch_size", "steps_per_epoch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
+    if args.replay_ratio < 0:
+        raise ValueError(f"--replay-ratio must be at least 0, got {args.replay_ratio}")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         device=args.device, time_budget_s=args.time_budget_s)
+                         device=args.device, time_budget_s=args.time_budget_s, replay_ratio=args.replay_ratio,
+                         steps_per_epoch=args.steps_per_epoch, warmup_steps=args.warmup_steps)
     bar = _progress(None, "train", args.quiet, unit="step")
 
     def progress(info: dict) -> None:
@@ -228,7 +254,8 @@ def cmd_train(args) -> int:
         bar.update(info["step"] + 1 - bar.n)
 
     try:
-        result = train(args.pairs, args.out, bundle, config, val_folders=args.val, progress=progress)
+        result = train(args.pairs, args.out, bundle, config, val_folders=args.val, progress=progress,
+                       replay_folders=args.replay)
     finally:
         bar.close()
     print(result.path, flush=True)

@@ -8,6 +8,7 @@ export and marks the folder as ours, so files in a foreign folder are never over
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +17,7 @@ import numpy as np
 
 from .bundle import ModelBundle, Region, write_regions_csv
 from .cache import jsonable
-from .errors import CacheMismatch, CytoclipError, OutputError
+from .errors import CacheMismatch, Cancelled, CytoclipError, OutputError
 from .grid import TileGrid
 from .io_utils import atomic_write_text
 from .outputs import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV, now_iso, write_fullres_labels,
@@ -45,11 +46,14 @@ class ExportResult:
 
 def export_corrections(section: Section, prediction: Prediction, edited_labels: np.ndarray, out_dir: str | Path,
                        bundle: ModelBundle, *, confirmed: np.ndarray | None = None,
-                       regions: list[Region] | None = None, full_resolution: bool = False) -> ExportResult:
+                       regions: list[Region] | None = None, full_resolution: bool = False,
+                       stop: threading.Event | None = None) -> ExportResult:
     """Turn corrected (and confirmed) grid cells into training pairs and write the edited annotations.
 
     ``edited_labels`` has the grid's shape; corrected cells are those where it differs from the
     prediction and is non-zero; ``confirmed`` optionally marks reviewed cells (kept where labelled).
+    Setting ``stop`` while the pairs are written raises ``Cancelled``: the pair list and the
+    annotations keep their earlier content (tiles already written stay, unlisted, and are reused).
     """
     out_dir = Path(out_dir)
     grid = prediction.grid
@@ -65,7 +69,7 @@ def export_corrections(section: Section, prediction: Prediction, edited_labels: 
     cells = np.argwhere(corrected | reviewed).astype(np.int64)
     base = _base_record(section, prediction, bundle, source)
     added, existing = write_pairs(out_dir / PAIRS_DIR, _pairs(section, prediction, bundle, edited, cells,
-                                                              corrected, by_id, base))
+                                                              corrected, by_id, base, stop), root=out_dir)
     files = _write_annotations(out_dir, section, grid, edited, regions, source, prediction, full_resolution)
     files["pairs"] = out_dir / PAIRS_DIR
     result = ExportResult(out_dir, added, existing, int(corrected.sum()), int(reviewed.sum()), files)
@@ -144,7 +148,8 @@ def caption_for(region: Region) -> str:
 
 
 def _pairs(section: Section, prediction: Prediction, bundle: ModelBundle, edited: np.ndarray, cells: np.ndarray,
-           corrected: np.ndarray, by_id: dict[int, Region], base: dict) -> Iterator[Pair]:
+           corrected: np.ndarray, by_id: dict[int, Region], base: dict,
+           stop: threading.Event | None = None) -> Iterator[Pair]:
     """Pairs for ``cells``, windows read a batch at a time so memory stays bounded."""
     from .windows import WindowReader
 
@@ -155,6 +160,8 @@ def _pairs(section: Section, prediction: Prediction, bundle: ModelBundle, edited
         batch = cells[i:i + READ_BATCH]
         centers = prediction.grid.centers(batch)
         for (r, c), center, window in zip(batch, centers, reader.read(centers)):
+            if stop is not None and stop.is_set():
+                raise Cancelled()
             label = int(edited[r, c])
             region = by_id[label]
             record = {**base, "row": int(r), "col": int(c),

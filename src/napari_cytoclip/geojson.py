@@ -154,12 +154,16 @@ def _load(data: Any) -> tuple[dict, str]:
     if isinstance(data, dict):
         return data, "GeoJSON"
     path = Path(data)
+    if path.is_dir():
+        raise CytoclipError(path, "is a folder, not a GeoJSON file")
     try:
         return json.loads(path.read_text(encoding="utf-8")), str(path)
     except FileNotFoundError:
         raise CytoclipError(path, "GeoJSON file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CytoclipError(path, f"not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CytoclipError(path, f"cannot read the GeoJSON file ({exc.strerror or exc})") from None
 
 
 def _features(doc: Any, source: str) -> list[dict]:
@@ -192,19 +196,53 @@ def _rings_of(geometry: Any, source: str) -> list[np.ndarray]:
     return rings
 
 
-def _region_for(props: dict, regions: list[dict]) -> int | None:
-    cls = props.get("classification") if isinstance(props, dict) else None
-    name = (cls or {}).get("name") if isinstance(cls, dict) else None
-    name = name or (props or {}).get("name")
+def _feature_name(props: dict) -> str | None:
+    """The region name a feature gives: QuPath's ``classification`` (an object or a plain string), else ``name``."""
+    cls = props.get("classification")
+    name = cls.get("name") if isinstance(cls, dict) else cls if isinstance(cls, str) else None
+    name = name if isinstance(name, str) and name.strip() else props.get("name")
+    return str(name).strip() if name is not None and str(name).strip() else None
+
+
+def _feature_id(props: dict, source: str, index: int) -> int | None:
+    """The feature's integer ``region_id`` (None when absent), or a clear error."""
+    rid = props.get("region_id")
+    if rid is None:
+        return None
+    if isinstance(rid, str):
+        rid = rid.strip()
+        try:
+            return int(rid)
+        except ValueError:
+            pass
+    elif isinstance(rid, int) and not isinstance(rid, bool):
+        return rid
+    elif isinstance(rid, float) and np.isfinite(rid) and rid.is_integer():
+        return int(rid)
+    raise CytoclipError(source, f"feature {index}: 'region_id' must be an integer, got {rid!r}")
+
+
+def _region_for(props: dict, regions: list[dict], source: str = "GeoJSON", index: int = 0) -> int | None:
+    """The region id a feature's properties name (by name or acronym, else by ``region_id``), or None."""
+    name = _feature_name(props)
     if name:
-        key = str(name).strip().lower()
+        key = name.lower()
         for r in regions:
             if key in (str(r.get("name", "")).lower(), str(r.get("acronym", "")).lower()):
                 return int(r["id"])
-    rid = (props or {}).get("region_id")
-    if rid is not None and any(int(r["id"]) == int(rid) for r in regions):
-        return int(rid)
+    rid = _feature_id(props, source, index)
+    if rid is not None and any(int(r["id"]) == rid for r in regions):
+        return rid
     return None
+
+
+def _properties(feat: dict, source: str, index: int) -> dict:
+    props = feat.get("properties")
+    if props is None:
+        return {}
+    if not isinstance(props, dict):
+        raise CytoclipError(source, f"feature {index}: 'properties' must be an object, got {type(props).__name__}")
+    return props
 
 
 def _fill(rings: list[np.ndarray], ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -224,25 +262,43 @@ def _fill(rings: list[np.ndarray], ys: np.ndarray, xs: np.ndarray) -> np.ndarray
 
 def geojson_to_labels(data: dict | str | Path, shape: tuple[int, int], regions: list[dict], *,
                       origin=(0.0, 0.0), step: float = 1.0) -> np.ndarray:
-    """Rasterise features onto the label grid by sampling each cell centre (later features win)."""
+    """Rasterise features onto the label grid by sampling each cell centre (later features win).
+
+    Unknown region names and features lying entirely outside the grid are refused with one error.
+    """
     doc, source = _load(data)
     features = _features(doc, source)
     labels = np.zeros(shape, np.uint16)
     ys = origin[0] + np.arange(shape[0]) * step + 0.5
     xs = origin[1] + np.arange(shape[1]) * step + 0.5
-    unknown = []
-    for feat in features:
+    # the grid's extent in GeoJSON coordinates: every cell is a square of side ``step`` around its sample point
+    y_lo, y_hi = origin[0] + 0.5 - step / 2, origin[0] + 0.5 + (shape[0] - 0.5) * step
+    x_lo, x_hi = origin[1] + 0.5 - step / 2, origin[1] + 0.5 + (shape[1] - 0.5) * step
+    unknown, outside = [], []
+    for i, feat in enumerate(features):
         if not isinstance(feat, dict):
             raise CytoclipError(source, "a feature is not an object")
-        rid = _region_for(feat.get("properties") or {}, regions)
+        props = _properties(feat, source, i)
+        rid = _region_for(props, regions, source, i)
         if rid is None:
-            cls = (feat.get("properties") or {}).get("classification") or {}
-            unknown.append(str(cls.get("name") if isinstance(cls, dict) else cls))
+            name = _feature_name(props)
+            if name is None and props.get("region_id") is not None:
+                name = f"region_id {props['region_id']}"
+            unknown.append(name or "(unnamed)")
             continue
         rings = _rings_of(feat.get("geometry"), source)
-        if rings:
-            labels[_fill(rings, ys, xs)] = rid
+        if not rings:
+            continue
+        pts = np.concatenate(rings)
+        if pts[:, 0].max() < x_lo or pts[:, 0].min() > x_hi or pts[:, 1].max() < y_lo or pts[:, 1].min() > y_hi:
+            outside.append(f"{i} ({_feature_name(props) or rid})")
+            continue
+        labels[_fill(rings, ys, xs)] = rid
     if unknown:
         known = ", ".join(str(r.get("name")) for r in regions)
         raise CytoclipError(source, f"unknown region names {sorted(set(unknown))}; known: {known}")
+    if outside:
+        raise CytoclipError(source, f"features {', '.join(outside)} lie entirely outside the label grid "
+                                    f"(x {x_lo:g}..{x_hi:g}, y {y_lo:g}..{y_hi:g} px): is this GeoJSON for another "
+                                    "image or pixel size?")
     return labels

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import OutputError
+from .errors import CytoclipError, OutputError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -94,6 +94,20 @@ def new_output_folder(folder: str | Path, overwrite: bool = False) -> Iterator[P
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(folder, f"could not be written ({exc.strerror or exc})") from None
+    except CytoclipError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _renamed(exc, tmp, folder) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _renamed(exc: CytoclipError, tmp: Path, folder: Path) -> CytoclipError:
+    """``exc`` naming the results ``folder`` (and the file in it) where it named the temp folder ``tmp``."""
+    if exc.source is None:
+        return exc
+    try:
+        rel = Path(exc.source).relative_to(tmp)
+    except ValueError:
+        return exc
+    return type(exc)(folder, f"{rel.as_posix()}: {exc.problem}" if rel.parts else exc.problem)

@@ -56,19 +56,24 @@ def existing_names(folder: Path) -> set[str]:
         return {Path(row["filepath"]).stem for row in csv.DictReader(f)}
 
 
-def write_pairs(folder: str | Path, pairs: Iterable[Pair]) -> tuple[int, int]:
+def write_pairs(folder: str | Path, pairs: Iterable[Pair], root: str | Path | None = None) -> tuple[int, int]:
     """Add pairs to a folder (created if needed); returns ``(added, already_there)``.
 
-    Tiles are written atomically first, then the CSV and JSONL are rewritten atomically with the
-    new rows appended, so an interrupted export leaves the earlier pairs intact.
+    Tiles are written atomically first, then ``pairs.jsonl`` and last ``pairs.csv`` are rewritten
+    atomically with the new rows appended: an interrupted export leaves the earlier pairs intact,
+    and every pair the CSV lists has its provenance. Nothing is written outside ``root`` (default:
+    ``folder``), even where ``folder`` or its ``tiles`` is a symlink.
     """
     folder = Path(folder)
+    root = folder if root is None else Path(root)
     tiles = folder / TILES_DIR
+    inside(root, folder)
+    inside(root, tiles)
     try:
         tiles.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(folder, f"cannot create the pair folder ({exc.strerror})") from None
-    inside(folder, tiles)
+    inside(root, tiles)
     known = existing_names(folder)
     rows, records, skipped = [], [], 0
     for pair in pairs:
@@ -77,13 +82,14 @@ def write_pairs(folder: str | Path, pairs: Iterable[Pair]) -> tuple[int, int]:
             skipped += 1
             continue
         rel = f"{TILES_DIR}/{name}.png"
-        atomic_write_bytes(inside(folder, folder / rel), encode_png(pair.image))
+        atomic_write_bytes(inside(root, folder / rel), encode_png(pair.image))
         known.add(name)
         rows.append((rel, pair.caption))
         records.append({"filepath": rel, "caption": pair.caption, **pair.record})
     if rows:
-        _append_text(folder / PAIRS_CSV, _csv_text(rows, header=not (folder / PAIRS_CSV).exists()))
+        # provenance first: a fault before the CSV is rewritten leaves the new pairs unlisted (a rerun adds them)
         _append_text(folder / PAIRS_JSONL, "".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
+        _append_text(folder / PAIRS_CSV, _csv_text(rows, header=not (folder / PAIRS_CSV).exists()))
     return len(rows), skipped
 
 

@@ -1,6 +1,7 @@
 """Sliding-window region prediction over a section, streamed batch by batch."""
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -11,7 +12,7 @@ import numpy as np
 
 from .aggregate import footprint_radius, labels_from_index, region_probabilities, similarity_grid, vote
 from .bundle import Region
-from .errors import Cancelled, CacheMismatch
+from .errors import Cancelled, CacheMismatch, SectionError
 from .grid import TileGrid
 from .model import CytoClip
 from .sections import Section
@@ -19,6 +20,7 @@ from .tissue import TissueMask, tissue_mask
 from .windows import WindowReader
 
 MIN_TISSUE_FRACTION = 0.25
+DECODE_ROWS = 65536  # embeddings turned into probabilities at a time (16 MB of float32 at 256-d)
 
 
 @dataclass
@@ -69,16 +71,29 @@ class BatchResult:
 
 
 def decode_labels(cells, embeddings, region_embeddings, region_ids, grid, label_um, logit_scale):
-    probs = region_probabilities(embeddings, region_embeddings, logit_scale)
+    """Voted labels and confidence from tile embeddings (numpy or zarr). Probabilities are computed
+    :data:`DECODE_ROWS` rows at a time: no float32 copy of all the embeddings exists at once."""
+    probs = np.empty((len(embeddings), len(region_embeddings)), np.float32)
+    for i in range(0, len(embeddings), DECODE_ROWS):
+        probs[i:i + DECODE_ROWS] = region_probabilities(embeddings[i:i + DECODE_ROWS], region_embeddings,
+                                                        logit_scale)
     index, conf = vote(cells, probs, grid.shape, footprint_radius(label_um, grid.stride_um))
     return labels_from_index(index, region_ids), conf
 
 
 def plan_grid(section: Section, model: CytoClip, stride_um: float | None = None,
               mask: TissueMask | None = None) -> tuple[TileGrid, np.ndarray, TissueMask]:
-    """The grid for a section and the tissue cells on it (row-major order)."""
+    """The grid for a section and the tissue cells on it (row-major order).
+
+    Raises :class:`SectionError` for an image smaller than one grid cell (either side).
+    """
     stride = float(stride_um or model.bundle.stride_um)
     grid = TileGrid.covering(section.shape, section.require_pixel_size(), stride)
+    if min(section.shape) < grid.step - 1e-6:
+        h, w = section.shape
+        raise SectionError(section.source or section.name,
+                           f"the image ({h} x {w} px) is too small: each side must span at least one grid cell "
+                           f"of {stride:g} um, i.e. {math.ceil(grid.step - 1e-9)} px at {grid.pixel_size_um:g} um/px")
     mask = mask or tissue_mask(section)
     centers = grid.centers()
     frac = mask.fraction_in_cells(centers, grid.step)

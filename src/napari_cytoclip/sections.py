@@ -16,6 +16,7 @@ TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2", ".ndpi", ".scn
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MAX_PIL_PIXELS = 30_000 * 30_000  # a PNG/JPEG larger than this should be a pyramidal TIFF
 PLAUSIBLE_PIXEL_UM = (0.05, 500.0)
+MIN_PIXEL_UM = 0.01  # 10 nm: far below the resolution of any light microscope
 
 
 class PixelSizeWarning(UserWarning):
@@ -95,16 +96,34 @@ class Section:
         out_shape = (y1 - y0, x1 - x0) + ((3,) if self.is_rgb else ())
         out = np.full(out_shape, np.nan, dtype=np.float32)
         if cy1 > cy0 and cx1 > cx0:
-            block = np.asarray(arr[cy0:cy1, cx0:cx1])
+            block = self._pixels(arr, np.s_[cy0:cy1, cx0:cx1])
             out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = self.normalise(block)
         return out
 
+    def _pixels(self, arr: Any, index: Any) -> np.ndarray:
+        """``arr[index]`` as numpy; a decoding error (damaged or truncated file) becomes a :class:`SectionError`."""
+        try:
+            return np.asarray(arr[index])
+        except SectionError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise SectionError(self.source or self.name, "the pixel data cannot be decoded; the file is damaged or "
+                                                         f"truncated ({detail})") from None
+
     def normalise(self, block: np.ndarray) -> np.ndarray:
-        """Raw pixels to float32 in [0, 1]; alpha dropped; NaN/inf replaced by the low end."""
+        """Raw pixels to float32 in [0, 1]; alpha dropped; NaN/inf replaced by the low end.
+
+        Wide integers and float64 are offset in float64 first, so a large offset keeps the contrast.
+        """
         if block.ndim == 3:
             block = block[..., :3]
         lo, hi = self.intensity_range
-        out = (block.astype(np.float32) - lo) / max(hi - lo, 1e-12)
+        wide = block.dtype.itemsize > 2 if block.dtype.kind in "iu" else block.dtype.itemsize > 4
+        work = np.float64 if wide else np.float32
+        out = ((block.astype(work) - lo) / max(hi - lo, 1e-12)).astype(np.float32, copy=False)
         np.clip(out, 0.0, 1.0, out=out)
         if block.dtype.kind == "f":
             out[~np.isfinite(block)] = 0.0
@@ -139,7 +158,7 @@ class Section:
         level = self.thumbnail_level(max_side)
         arr = self.levels[level]
         stride = max(1, int(np.ceil(max(arr.shape[:2]) / max_side)))
-        return np.asarray(arr[::stride, ::stride])
+        return self._pixels(arr, np.s_[::stride, ::stride])
 
     def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
         """``(gray float32 image in [0, 1], level-0 pixels per thumbnail pixel)``."""
@@ -156,7 +175,7 @@ class Section:
             h = hashlib.sha256()
             h.update(repr((self.shape, str(self.dtype), self.is_rgb)).encode())
             base = self.levels[0]
-            pixels = np.asarray(base) if base.size <= 64_000_000 else self.thumbnail_raw(2048)
+            pixels = self._pixels(base, ...) if base.size <= 64_000_000 else self.thumbnail_raw(2048)
             h.update(np.ascontiguousarray(pixels).tobytes())
             self._hash = h.hexdigest()[:16]
         return self._hash
@@ -181,6 +200,9 @@ def check_pixel_size(value: float, source: str | None) -> float:
     lo, hi = PLAUSIBLE_PIXEL_UM
     if value > 1e4:
         raise SectionError(source, f"pixel size {value} um is absurd for a histology section (over 1 cm per pixel)")
+    if value < MIN_PIXEL_UM:
+        raise SectionError(source, f"pixel size {value} um is impossibly small for a light microscope "
+                                   f"(under {MIN_PIXEL_UM} um per pixel)")
     if not lo <= value <= hi:
         warnings.warn(f"{source}: pixel size {value} um is outside the usual {lo}-{hi} um range; "
                       "check it", PixelSizeWarning, stacklevel=3)
@@ -195,25 +217,37 @@ def section_from_array(data: Any, pixel_size_um: float | None, name: str = "imag
 
 
 def _squeeze_to_yx(arr: Any, source: str, plane: int | None = None) -> Any:
-    """Drop singleton leading axes; pick ``plane`` of a remaining stack, else refuse."""
-    while arr.ndim > 2 and arr.shape[0] == 1:
+    """An array without stated axes (a napari layer) to ``(Y, X)`` or ``(Y, X, S)``, guessing from its shape.
+
+    Leading axes of length 1 are dropped (not the single row of a ``(1, W, 3)`` RGB image), a
+    ``(3|4, H, W)`` array is taken for planar RGB(A), and ``plane`` picks a plane of a remaining stack.
+    """
+    while arr.shape[0] == 1 and (arr.ndim > 3 or (arr.ndim == 3 and arr.shape[-1] not in (3, 4))):
         arr = arr[0]
     if arr.ndim == 3 and arr.shape[2] not in (3, 4) and arr.shape[0] in (3, 4):
         arr = arr.transpose(1, 2, 0)  # planar RGB
     extra = arr.ndim - (3 if arr.ndim >= 3 and arr.shape[-1] in (3, 4) else 2)
-    if extra > 0:
-        lead = arr.shape[:extra]
-        if plane is None:
-            raise SectionError(source, f"the image is a stack of {int(np.prod(lead))} planes "
-                                       f"(shape {tuple(arr.shape)}); choose one with --plane / plane=")
-        if not 0 <= plane < int(np.prod(lead)):
-            raise SectionError(source, f"plane {plane} is out of range: the stack has {int(np.prod(lead))} planes")
-        arr = arr[np.unravel_index(plane, lead)]
-    return arr
+    return _pick_plane(arr, max(extra, 0), source, plane)
+
+
+def _pick_plane(arr: Any, n_lead: int, source: str, plane: int | None) -> Any:
+    """Plane ``plane`` (row-major over the ``n_lead`` leading axes) of a stack; refuse a stack without one."""
+    if n_lead == 0:
+        if plane not in (None, 0):
+            raise SectionError(source, f"plane {plane} is out of range: the image has a single plane")
+        return arr
+    lead = tuple(int(n) for n in arr.shape[:n_lead])
+    n = int(np.prod(lead))
+    if plane is None:
+        raise SectionError(source, f"the image is a stack of {n} planes "
+                                   f"(shape {tuple(int(s) for s in arr.shape)}); choose one with --plane / plane=")
+    if not 0 <= plane < n:
+        raise SectionError(source, f"plane {plane} is out of range: the stack has {n} planes")
+    return arr[tuple(int(i) for i in np.unravel_index(plane, lead))]
 
 
 def open_section(path: str | Path, pixel_size_um: float | None = None, plane: int | None = None) -> Section:
-    """Open a section file lazily. ``pixel_size_um`` overrides what the file says."""
+    """Open a section file lazily. ``pixel_size_um`` overrides what the file says (even a wrong value there)."""
     path = Path(path)
     if not path.exists():
         raise SectionError(path, "no such file")
@@ -223,52 +257,72 @@ def open_section(path: str | Path, pixel_size_um: float | None = None, plane: in
         raise SectionError(path, "the file is empty (0 bytes)")
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
-        section = _open_tiff(path, plane)
+        section, stated = _open_tiff(path, plane)
     elif suffix in PIL_SUFFIXES:
-        section = _open_pil(path, plane)
+        section, stated = _open_pil(path, plane)
     else:
         raise SectionError(path, f"unsupported file type '{suffix}' (use TIFF, OME-TIFF, SVS, PNG or JPEG)")
-    if pixel_size_um is not None:
-        section.pixel_size_um = check_pixel_size(pixel_size_um, str(path))
-    elif section.pixel_size_um is None:
-        warnings.warn(f"{path}: the file does not state its pixel size; give it in micrometres "
-                      "(--pixel-size) or tiles will have the wrong physical size", PixelSizeWarning, stacklevel=2)
+    try:
+        if pixel_size_um is not None:
+            section.pixel_size_um = check_pixel_size(pixel_size_um, str(path))
+        elif stated is not None:
+            try:
+                section.pixel_size_um = check_pixel_size(stated, str(path))
+            except SectionError as exc:
+                raise SectionError(path, f"{exc.problem}, as the file states it; give the right pixel size "
+                                         "(--pixel-size / pixel_size_um=)") from None
+        else:
+            warnings.warn(f"{path}: the file does not state its pixel size; give it in micrometres "
+                          "(--pixel-size) or tiles will have the wrong physical size", PixelSizeWarning, stacklevel=2)
+    except BaseException:
+        section.close()
+        raise
     return section
 
 
-def _open_pil(path: Path, plane: int | None) -> Section:
+def _open_pil(path: Path, plane: int | None) -> tuple[Section, float | None]:
+    """The section (without pixel size) and the pixel size the file states, if any."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_PIL_PIXELS
     try:
-        with Image.open(path) as im:
-            n_frames = getattr(im, "n_frames", 1)
-            if n_frames > 1 and plane is None:
-                raise SectionError(path, f"the image has {n_frames} frames; choose one with --plane")
-            if plane:
-                im.seek(plane)
-            if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "1"):
-                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
-                if im.mode == "RGBA" and im.getextrema()[3][0] == 255:
-                    im = im.convert("RGB")
-            data = np.asarray(im)
-            dpi = im.info.get("dpi")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIL_PIXELS:
+                    raise SectionError(path, f"the image is larger than {MAX_PIL_PIXELS} pixels "
+                                             f"({im.width} x {im.height}); convert it to a pyramidal TIFF")
+                n_frames = getattr(im, "n_frames", 1)
+                if n_frames > 1 and plane is None:
+                    raise SectionError(path, f"the image has {n_frames} frames; choose one with --plane")
+                if plane is not None and not 0 <= plane < n_frames:
+                    raise SectionError(path, f"frame {plane} is out of range: the image has {n_frames} "
+                                             f"frame{'s' if n_frames > 1 else ''} (--plane counts from 0)")
+                if plane:
+                    im.seek(plane)
+                if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "1"):
+                    im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+                    if im.mode == "RGBA" and im.getextrema()[3][0] == 255:
+                        im = im.convert("RGB")
+                data = np.asarray(im)
+                dpi = im.info.get("dpi")
     except SectionError:
         raise
     except Image.DecompressionBombError:
         raise SectionError(path, f"the image is larger than {MAX_PIL_PIXELS} pixels; "
                                  "convert it to a pyramidal TIFF") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise SectionError(path, f"not a readable image ({exc})") from None
     if data.ndim == 3 and data.shape[2] == 2:
         data = data[..., 0]
     pixel_um = None
     if dpi and path.suffix.lower() == ".png" and dpi[0] and abs(dpi[0] - 72) > 0.5 and abs(dpi[0] - 96) > 0.5:
         pixel_um = 25400.0 / float(dpi[0])
-    return Section(name=path.stem, levels=[data], pixel_size_um=pixel_um, source=str(path))
+    return Section(name=path.stem, levels=[data], source=str(path)), pixel_um
 
 
-def _open_tiff(path: Path, plane: int | None) -> Section:
+def _open_tiff(path: Path, plane: int | None) -> tuple[Section, float | None]:
+    """The section (without pixel size) and the pixel size the file states, if any."""
     import tifffile
     import zarr
 
@@ -280,24 +334,57 @@ def _open_tiff(path: Path, plane: int | None) -> Section:
         if not tif.series:
             raise SectionError(path, "the TIFF holds no image series")
         series = tif.series[0]
+        lut = _palette_lut(getattr(series, "keyframe", None) or tif.pages[0])
         levels = []
         for lev in series.levels:
             store = lev.aszarr()
             arr = zarr.open(store, mode="r")
             if not hasattr(arr, "shape"):  # a group: take its first array
                 arr = arr[sorted(arr.array_keys())[0]]
-            levels.append(_squeeze_axes(arr, lev.axes, path, plane))
+            arr = _squeeze_axes(arr, lev.axes, path, plane)
+            levels.append(arr if lut is None else _apply_lut(arr, lut))
         if np.prod(levels[0].shape[:2]) > 0 and levels[0].shape[0] * levels[0].shape[1] > 10 * path.stat().st_size * 1000:
             # a header claiming far more pixels than the file could hold
             _probe_first_tile(levels[-1], path)
-        pixel_um = _tiff_pixel_size(tif, series)
+        try:
+            pixel_um = _tiff_pixel_size(tif, series)
+        except Exception:  # a malformed resolution tag: refused later unless the user gives the pixel size
+            pixel_um = float("nan")
+        section = Section(name=_stem(path), levels=levels, source=str(path), _keep_open=[tif])
     except SectionError:
         tif.close()
         raise
     except Exception as exc:
         tif.close()
         raise SectionError(path, f"cannot read the TIFF ({type(exc).__name__}: {exc})") from None
-    return Section(name=_stem(path), levels=levels, pixel_size_um=pixel_um, source=str(path), _keep_open=[tif])
+    return section, pixel_um
+
+
+def _palette_lut(page: Any) -> np.ndarray | None:
+    """The colour map of a palette page as a uint8 lookup table: ``(n,)`` if it is gray, else ``(n, 3)``."""
+    if int(getattr(page, "photometric", -1)) != 3 or getattr(page, "colormap", None) is None:
+        return None
+    cmap = np.asarray(page.colormap)
+    if cmap.ndim != 2 or cmap.shape[0] != 3:
+        return None
+    if cmap.max() > 255:  # TIFF colour maps are 16-bit
+        cmap = cmap >> 8
+    lut = np.ascontiguousarray(cmap.T.astype(np.uint8))
+    return lut[:, 0].copy() if (lut == lut[:, :1]).all() else lut
+
+
+def _apply_lut(arr: Any, lut: np.ndarray) -> Any:
+    """Colour indices to colours, lazily."""
+    if arr.ndim != 2 or np.dtype(arr.dtype).kind not in "ui":
+        return arr
+    top = len(lut) - 1
+
+    def look_up(block):
+        return lut[np.clip(block, 0, top)]
+
+    if lut.ndim == 1:
+        return arr.map_blocks(look_up, dtype=np.uint8)
+    return arr.map_blocks(look_up, dtype=np.uint8, new_axis=2, chunks=(*arr.chunks, (lut.shape[1],)))
 
 
 def _stem(path: Path) -> str:
@@ -316,22 +403,34 @@ def _probe_first_tile(arr: Any, path: Path) -> None:
 
 
 def _squeeze_axes(arr: Any, axes: str, path: Path, plane: int | None) -> Any:
-    """Bring a zarr array with tifffile ``axes`` to ``(Y, X)`` or ``(Y, X, S)``."""
+    """Bring a zarr array with tifffile ``axes`` to ``(Y, X)`` or ``(Y, X, S)``.
+
+    The axes the file states decide the layout: samples (``S``) go last, other axes of length 1 are
+    dropped and any others make a stack, of which ``plane`` picks one (row-major). Only without
+    samples, a lone ``C`` axis of length 3 or 4 is taken for colour (RGB stored as OME channels).
+    """
     import dask.array as da
 
     arr = da.from_zarr(arr)
+    source = str(path)
     axes = axes.upper()
-    keep = [a for a in axes if a in "YXS"]
-    order = [axes.index(a) for a in axes if a not in "YXS"] + [axes.index(a) for a in keep]
-    arr = arr.transpose(order)
-    lead_axes = [a for a in axes if a not in "YXS"]
-    if "C" in lead_axes and "S" not in axes and arr.shape[lead_axes.index("C")] in (3, 4) \
-            and all(arr.shape[i] == 1 for i, a in enumerate(lead_axes) if a != "C"):
-        c = lead_axes.index("C")
-        arr = da.moveaxis(arr, c, -1)
-        arr = arr.reshape(arr.shape[-3:])
-        return arr
-    return _squeeze_to_yx(arr, str(path), plane)
+    if len(axes) != arr.ndim or axes.count("Y") != 1 or axes.count("X") != 1 or axes.count("S") > 1:
+        return _squeeze_to_yx(arr, source, plane)  # axes not understood: guess from the shape
+    lead = [i for i, a in enumerate(axes) if a not in "YXS"]
+    samples = [i for i, a in enumerate(axes) if a == "S"]
+    arr = arr.transpose(lead + [axes.index("Y"), axes.index("X")] + samples)
+    lead_shape = arr.shape[:len(lead)]
+    lead_axes = "".join(axes[i] for i, n in zip(lead, lead_shape) if n != 1)
+    arr = arr[tuple(0 if n == 1 else slice(None) for n in lead_shape)]
+    if samples:
+        n = arr.shape[-1]
+        if n in (1, 2):  # gray, or gray + alpha
+            arr = arr[..., 0]
+        elif n > 4:  # colour + extra samples
+            arr = arr[..., :3]
+    elif lead_axes == "C" and arr.shape[0] in (3, 4):
+        return da.moveaxis(arr, 0, -1)
+    return _pick_plane(arr, len(lead_axes), source, plane)
 
 
 _SVS_MPP = re.compile(r"MPP\s*=\s*([0-9.eE+-]+)")

@@ -6,6 +6,9 @@ as prediction builds region embeddings. Images are pulled towards their class an
 the others (CLIP's image-to-text loss without duplicate-caption negatives). The text trunk is
 frozen, so its pooled features are computed once and cached; the image tower, both projections
 and the temperature train. Checkpoints after every epoch make a killed run resume.
+
+Fine-tuning on a few hundred corrected pairs alone makes a model forget what it knew; replay
+folders (pairs of the data the start model learnt from) are mixed into every batch to prevent it.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: min(100, 10 % of all steps), so short fine-tunes warm up briefly
     seed: int = 0
     device: str = "auto"
     balance_power: float = 0.75     # sample classes with weight count**-power
@@ -40,6 +43,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     num_threads: int | None = None
     time_budget_s: float | None = None  # fit the number of epochs to this many seconds after epoch 1
+    replay_ratio: float = 1.0        # replay pairs drawn per new pair in each batch (with replay folders)
 
 
 @dataclass
@@ -48,19 +52,24 @@ class TrainData:
     targets: np.ndarray              # int64 class index per image
     regions: list[Region]            # one per class, in class order
     class_texts: list[list[str]]     # texts whose mean embedding represents each class
-    sources: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)          # new pair folders, as recorded
+    replay: np.ndarray | None = None  # bool per image: from a replay folder
+    replay_sources: list[str] = field(default_factory=list)   # replay pair folders, as recorded
 
 
-def assemble(folders: list[str | Path], regions: list[Region], size: int) -> TrainData:
-    """Pairs from folders, mapped to classes: known region ids first, then new captions."""
+def assemble(folders: list[str | Path], regions: list[Region], size: int,
+             replay_folders: list[str | Path] | None = None) -> TrainData:
+    """Pairs from folders (then replay folders), mapped to classes: known region ids first, then new captions."""
     by_id = {r.id: r for r in regions}
-    files, captions, records = [], [], []
-    for folder in folders:
+    files, captions, records, replay = [], [], [], []
+    replay_folders = list(replay_folders or [])
+    for i, folder in enumerate(list(folders) + replay_folders):
         f, c, r = read_pairs(folder)
         files += f
         captions += c
         records += r
-    if not files:
+        replay += [i >= len(folders)] * len(f)
+    if not any(not r for r in replay):
         raise CytoclipError(", ".join(map(str, folders)), "no training pairs found")
     classes: list[Region] = []
     index: dict = {}
@@ -85,7 +94,43 @@ def assemble(folders: list[str | Path], regions: list[Region], size: int) -> Tra
             extra_captions[k].append(cap)
     texts = [list(dict.fromkeys(classes[k].texts() + extra_captions.get(k, []))) for k in range(len(classes))]
     images = load_pair_images(files, size)
-    return TrainData(images, np.asarray(targets, np.int64), classes, texts, [str(f) for f in folders])
+    return TrainData(images, np.asarray(targets, np.int64), classes, texts, [_folder_label(f) for f in folders],
+                     np.asarray(replay, bool), [_folder_label(f) for f in replay_folders])
+
+
+def _folder_label(folder: str | Path) -> str:
+    """A pair folder as recorded in a bundle: its name (with its parent's when it is just ``pairs``)."""
+    folder = Path(folder)
+    return f"{folder.parent.name}/{folder.name}" if folder.name == "pairs" and folder.parent.name else folder.name
+
+
+def sample_order(data: TrainData, steps: int, batch_size: int, replay_ratio: float, power: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Image indices for ``steps`` batches: class-balanced within new and replay pairs, mixed per batch.
+
+    Each batch holds ``round(batch_size / (1 + replay_ratio))`` new pairs (at least one) and replay
+    pairs for the rest; without replay pairs every draw is a new pair.
+    """
+    replay = data.replay if data.replay is not None else np.zeros(len(data.targets), bool)
+    new_idx, old_idx = np.flatnonzero(~replay), np.flatnonzero(replay)
+    n_new = _new_per_batch(data, batch_size, replay_ratio)
+
+    def draw(pool: np.ndarray, k: int) -> np.ndarray:
+        counts = np.bincount(data.targets[pool], minlength=len(data.regions)).astype(np.float64)
+        w = counts[data.targets[pool]] ** -power
+        return rng.choice(pool, size=(steps, k), p=w / w.sum())
+
+    parts = [draw(new_idx, n_new)]
+    if n_new < batch_size:
+        parts.append(draw(old_idx, batch_size - n_new))
+    return np.concatenate(parts, axis=1).reshape(-1)
+
+
+def _new_per_batch(data: TrainData, batch_size: int, replay_ratio: float) -> int:
+    """How many new (not replay) pairs each batch holds."""
+    if data.replay is None or not data.replay.any() or replay_ratio <= 0:
+        return batch_size
+    return min(batch_size, max(1, int(round(batch_size / (1.0 + replay_ratio)))))
 
 
 def pooled_text_features(model, tokenizer, texts: list[str], cache: Path | None, batch: int = 64,
@@ -95,7 +140,7 @@ def pooled_text_features(model, tokenizer, texts: list[str], cache: Path | None,
 
     known: dict = {}
     if cache is not None and cache.is_file():
-        known = {k: v for k, v in torch.load(cache, map_location="cpu", weights_only=True).items()}
+        known = _load_checkpoint(cache, "text feature cache")
     todo = [t for t in dict.fromkeys(texts) if t not in known]
     if todo and not allow_compute:
         raise CytoclipError(cache, f"{len(todo)} texts lack cached features and the text tower weights are absent")
@@ -151,11 +196,15 @@ def _normalise(x, mean, std):
 
 def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | ModelBundle,
           config: TrainConfig | None = None, val_folders: list[str | Path] | None = None,
-          progress: Callable[[dict], None] | None = None, init_state: dict | None = None) -> ModelBundle:
+          progress: Callable[[dict], None] | None = None, init_state: dict | None = None,
+          replay_folders: list[str | Path] | None = None) -> ModelBundle:
     """Train or fine-tune ``init`` on pair folders; write a new bundle to ``out``.
 
-    ``init_state`` replaces the init bundle's weights (e.g. an ImageNet image tower for a new model).
-    A checkpoint folder ``<out>.ckpt`` is kept until the bundle is written; rerunning resumes from it.
+    ``replay_folders`` (pairs the init model learnt from) are mixed into every batch,
+    ``config.replay_ratio`` replay pairs per new pair, so that fine-tuning does not forget;
+    an epoch is one pass over the new pairs. ``init_state`` replaces the init bundle's weights
+    (e.g. an ImageNet image tower for a new model). A checkpoint folder ``<out>.ckpt`` (the latest
+    epoch, plus the best one when validating) is kept until the bundle is written; rerunning resumes from it.
     """
     import torch
 
@@ -176,7 +225,9 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
         load_weights_into(model, state, bundle.weights_path, text_from_package=bundle.text_tower is not None)
     else:
         model.load_state_dict(state, strict=False)
-    data = assemble(pair_folders, bundle.regions, bundle.input.size)
+    if config.replay_ratio < 0:
+        raise ValueError(f"the replay ratio must be at least 0, got {config.replay_ratio}")
+    data = assemble(pair_folders, bundle.regions, bundle.input.size, replay_folders)
     val = assemble(val_folders, data.regions, bundle.input.size) if val_folders else None
     all_texts = sorted({t for texts in data.class_texts for t in texts})
     cache = Path(config.text_features) if config.text_features else out.with_name(out.name + ".ckpt") / "text_features.pt"
@@ -196,12 +247,11 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
     model.visual.train()
     opt = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim > 1], "weight_decay": config.weight_decay},
                              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}], lr=config.lr)
-    n = len(data.targets)
-    counts = np.bincount(data.targets, minlength=len(data.regions)).astype(np.float64)
-    weights = counts[data.targets] ** -config.balance_power
-    weights /= weights.sum()
-    steps_per_epoch = config.steps_per_epoch or max(1, n // config.batch_size)
+    n_new = int((~data.replay).sum())
+    per_batch = _new_per_batch(data, config.batch_size, config.replay_ratio)
+    steps_per_epoch = config.steps_per_epoch or max(1, n_new // per_batch)
     total_steps = steps_per_epoch * config.epochs
+    warmup = config.warmup_steps if config.warmup_steps is not None else warmup_for(total_steps)
     ckpt_dir = out.with_name(out.name + ".ckpt")
     start_epoch, best = _resume(ckpt_dir, model, opt)
     images = torch.from_numpy(data.images).to(device)
@@ -212,12 +262,12 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
     history = best.get("history", []) if best else []
     epoch = start_epoch
     while epoch < config.epochs:
-        rng = np.random.default_rng(config.seed + epoch)
-        order = rng.choice(n, size=steps_per_epoch * config.batch_size, p=weights)
+        order = sample_order(data, steps_per_epoch, config.batch_size, config.replay_ratio, config.balance_power,
+                             np.random.default_rng(config.seed + epoch))
         t0, losses = time.perf_counter(), []
         for step in range(steps_per_epoch):
             global_step = epoch * steps_per_epoch + step
-            lr = config.lr * min(1.0, (global_step + 1) / config.warmup_steps) * \
+            lr = config.lr * min(1.0, (global_step + 1) / max(1, warmup)) * \
                 0.5 * (1 + math.cos(math.pi * global_step / max(1, total_steps)))
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -252,9 +302,15 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
         is_best = val is None or not best or metrics.get("val_macro_f1", 0) >= best.get("val_macro_f1", -1)
         if is_best:
             best = {**metrics, "history": history}
-        _checkpoint(ckpt_dir, model, opt, epoch + 1, best, history, is_best)
+        _checkpoint(ckpt_dir, model, opt, epoch + 1, best, history, is_best and val is not None)
         epoch += 1
-    return _write_bundle(out, bundle, model, data, ckpt_dir, config, best, history, device)
+    run = {"steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "new_per_batch": per_batch}
+    return _write_bundle(out, bundle, model, data, ckpt_dir, config, best, history, device, run)
+
+
+def warmup_for(total_steps: int) -> int:
+    """Default warmup: 100 steps, but no more than a tenth of a short run (at least one)."""
+    return max(1, min(100, total_steps // 10))
 
 
 class _nullcontext:
@@ -301,30 +357,55 @@ def _validate(model, proj, text_feats, val: TrainData, mean, std, device) -> dic
     return {"val_accuracy": float(np.mean(pred == truth)), "val_macro_f1": float(np.mean(f1s))}
 
 
-def _checkpoint(folder: Path, model, opt, epoch: int, best: dict, history: list, is_best: bool) -> None:
+def _own_state(model) -> dict:
+    """The weights a checkpoint needs: all but the frozen text trunk (it comes from the init bundle)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(TEXT_TRUNK_PREFIX)}
+
+
+def _checkpoint(folder: Path, model, opt, epoch: int, best: dict, history: list, save_best: bool) -> None:
+    """Overwrite ``last.pt`` (and ``best.pt`` when ``save_best``): at most two checkpoints on disk."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "last.pt.tmp"
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+    torch.save({"model": _own_state(model), "opt": opt.state_dict(), "epoch": epoch,
                 "best": best, "history": history}, tmp)
     tmp.replace(folder / "last.pt")
-    if is_best:
+    if save_best:
         tmp = folder / "best.pt.tmp"
-        torch.save({k: v for k, v in model.state_dict().items() if not k.startswith(TEXT_TRUNK_PREFIX)}, tmp)
+        torch.save(_own_state(model), tmp)
         tmp.replace(folder / "best.pt")
 
 
-def _resume(folder: Path, model, opt) -> tuple[int, dict]:
+def _load_checkpoint(path: Path, what: str) -> dict:
+    """``torch.load`` of tensors only; anything else is a CytoclipError naming the file."""
     import torch
 
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        kind = "it holds Python objects, not only tensors (refused to unpickle)" \
+            if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ else f"{type(exc).__name__}"
+        raise CytoclipError(path, f"cannot read this {what}: {kind}; delete it to start again") from None
+    if not isinstance(data, dict):
+        raise CytoclipError(path, f"cannot read this {what}: not a dictionary; delete it to start again")
+    return data
+
+
+def _resume(folder: Path, model, opt) -> tuple[int, dict]:
     last = folder / "last.pt"
     if not last.is_file():
         return 0, {}
-    ck = torch.load(last, map_location="cpu", weights_only=True)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["opt"])
-    return int(ck["epoch"]), {**ck.get("best", {}), "history": ck.get("history", [])}
+    ck = _load_checkpoint(last, "training checkpoint")
+    try:
+        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+        if unexpected or any(not k.startswith(TEXT_TRUNK_PREFIX) for k in missing):
+            raise ValueError(f"{len(missing)} missing and {len(unexpected)} unexpected weights")
+        opt.load_state_dict(ck["opt"])
+        return int(ck["epoch"]), {**ck.get("best", {}), "history": ck.get("history", [])}
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise CytoclipError(last, f"this checkpoint does not fit the model being trained ({str(exc)[:200]}); "
+                            "delete it to start again") from None
 
 
 def _text_weights_available(bundle: ModelBundle) -> bool:
@@ -335,7 +416,7 @@ def _text_weights_available(bundle: ModelBundle) -> bool:
 
 
 def _write_bundle(out: Path, bundle: ModelBundle, model, data: TrainData, ckpt_dir: Path, config: TrainConfig,
-                  best: dict, history: list, device) -> ModelBundle:
+                  best: dict, history: list, device, run: dict) -> ModelBundle:
     import shutil
 
     import torch
@@ -343,7 +424,7 @@ def _write_bundle(out: Path, bundle: ModelBundle, model, data: TrainData, ckpt_d
     state = {k: v for k, v in model.state_dict().items()}
     best_file = ckpt_dir / "best.pt"
     if best_file.is_file():
-        state.update(torch.load(best_file, map_location="cpu", weights_only=True))
+        state.update(_load_checkpoint(best_file, "best-epoch checkpoint"))
     if bundle.text_tower is not None:
         state = {k: v for k, v in state.items() if not k.startswith(TEXT_TRUNK_PREFIX)}
     regions = _merge_regions(bundle.regions, data.regions)
@@ -351,10 +432,17 @@ def _write_bundle(out: Path, bundle: ModelBundle, model, data: TrainData, ckpt_d
     new = ModelBundle(**{k: getattr(bundle, k) for k in bundle.__dataclass_fields__})
     new.regions, new.path, new.weights_path = regions, None, None
     new.name = out.name
+    n_replay = int(data.replay.sum()) if data.replay is not None else 0
+    cfg = asdict(config)
+    if cfg.get("text_features"):
+        cfg["text_features"] = Path(cfg["text_features"]).name
     new.provenance = {**bundle.provenance, "trained_from": bundle.name, "init_weights": bundle.weights_hash()
-                      if bundle.weights_path else "new", "pairs": data.sources, "n_pairs": int(len(data.targets)),
-                      "config": asdict(config), "selected_epoch": best.get("epoch"), "history": history,
-                      "device": str(device)}
+                      if bundle.weights_path else "new", "pairs": data.sources,
+                      "n_pairs": int(len(data.targets)) - n_replay, "replay": data.replay_sources,
+                      "n_replay_pairs": n_replay, "config": {**cfg, **run}, "selected_epoch": best.get("epoch"),
+                      "history": history, "device": str(device)}
+    if not n_replay:
+        del new.provenance["replay"], new.provenance["n_replay_pairs"]
     saved = save_bundle(new, state, out)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return saved

@@ -3,6 +3,11 @@
 Every window is cut from the pyramid level nearest its target resolution, at integer pixel
 offsets that depend only on its centre, then resized with antialiasing: the result for a
 window never depends on which other windows were read with it.
+
+A reader keeps, per scale, the last band of its level that it read (the full level width where that
+fits in :data:`BAND_BYTES`, plus :data:`BAND_ROWS` rows below what a batch needs): grid cells
+are visited row by row, so the next batches' windows mostly lie in it, and a tiled (JPEG) level
+is decoded about once instead of once per batch. The pixels are the same either way.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from .bundle import InputSpec
 from .sections import Section
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+BAND_BYTES = 32 * 2 ** 20  # largest band read and kept per scale (float32, before the gray conversion)
+BAND_ROWS = 256            # rows read beyond a batch's need, at the level's resolution
 
 
 class WindowReader:
@@ -29,6 +36,7 @@ class WindowReader:
             ds = section.downsample(level)
             crop = max(1, int(round(scale_um / (px * ds))))
             self.plans.append((level, ds, crop))
+        self._bands: dict[int, tuple[int, int, np.ndarray]] = {}  # scale -> (y0, x0, model-space pixels)
 
     def read(self, centers_px: np.ndarray) -> np.ndarray:
         """Windows for level-0 ``(y, x)`` centres, in the model's polarity and channel layout."""
@@ -36,7 +44,7 @@ class WindowReader:
         n, size = len(centers_px), self.spec.size
         if n == 0:
             return np.zeros((0, size, size, 3), np.uint8)
-        planes = [self._scale_windows(centers_px, *plan) for plan in self.plans]
+        planes = [self._scale_windows(centers_px, k, *plan) for k, plan in enumerate(self.plans)]
         if self.spec.mode == "rgb":
             out = planes[0]
         elif len(planes) == 1:
@@ -45,16 +53,37 @@ class WindowReader:
             out = np.stack(planes, axis=-1)
         return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
-    def _scale_windows(self, centers_px: np.ndarray, level: int, ds: float, crop: int) -> np.ndarray:
+    def _scale_windows(self, centers_px: np.ndarray, scale: int, level: int, ds: float, crop: int) -> np.ndarray:
         corners = np.rint((centers_px + 0.5) / ds - 0.5 - crop / 2).astype(np.int64)
         y0, x0 = corners.min(0)
         y1, x1 = corners.max(0) + crop
-        region = self.section.read(level, int(y0), int(y1), int(x0), int(x1))
-        region = self._to_model_space(region)
+        region = self._region(scale, level, int(y0), int(y1), int(x0), int(x1))
         rgb = region.ndim == 3
         view = np.lib.stride_tricks.sliding_window_view(region, (crop, crop), axis=(0, 1))
         crops = view[corners[:, 0] - y0, corners[:, 1] - x0]  # (n, [3,] crop, crop)
         return resize_batch(crops, self.spec.size, channels_first=rgb)
+
+    def _region(self, scale: int, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Model-space pixels of ``level`` in ``[y0, y1) x [x0, x1)``, from the kept band when it holds them."""
+        band = self._bands.get(scale)
+        if band is not None:
+            by0, bx0, data = band
+            if by0 <= y0 and y1 <= by0 + data.shape[0] and bx0 <= x0 and x1 <= bx0 + data.shape[1]:
+                return data[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+        h, w = self.section.levels[level].shape[:2]
+        by1 = max(y1, min(h, y1 + BAND_ROWS))
+        row_bytes = (by1 - y0) * (3 if self.section.is_rgb else 1) * 4
+        width = BAND_BYTES // row_bytes
+        if width < x1 - x0:  # too large to keep: read just what is needed
+            return self._to_model_space(self.section.read(level, y0, y1, x0, x1))
+        if width >= max(x1, w) - min(x0, 0):
+            bx0, bx1 = min(x0, 0), max(x1, w)
+        else:  # as wide as allowed, centred on what is needed
+            bx0 = x0 - (width - (x1 - x0)) // 2
+            bx1 = bx0 + width
+        data = self._to_model_space(self.section.read(level, y0, by1, bx0, bx1))
+        self._bands[scale] = (y0, bx0, data)
+        return data[:y1 - y0, x0 - bx0:x1 - bx0]
 
     def _to_model_space(self, region: np.ndarray) -> np.ndarray:
         """Gray (or RGB for rgb models), model polarity, background where the image ends."""

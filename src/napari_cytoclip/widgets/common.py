@@ -70,13 +70,48 @@ def layer_source(layer: Any) -> str | None:
     return str(path) if path else (layer.metadata.get("source") if isinstance(layer.metadata, dict) else None)
 
 
-def section_for_layer(layer: Any, pixel_size_um: float):
-    """A core Section over the layer's (possibly multiscale, possibly lazy) data."""
+def stack_shape(layer: Any) -> tuple[int, ...]:
+    """Sizes of the layer's axes before its last two (y, x); ``()`` for a plain 2D image."""
+    lead = int(layer.ndim) - 2
+    if lead <= 0:
+        return ()
+    first = layer.data[0] if layer.multiscale else layer.data
+    return tuple(int(n) for n in first.shape[:lead])
+
+
+def current_plane(layer: Any, viewer: Any) -> tuple[int, ...]:
+    """Index of the plane of a stack layer that the viewer shows now (its dims slider position).
+
+    ``()`` for a 2D layer; indices are clipped to the stack, so a slider beyond it picks the nearest plane.
+    """
+    sizes = stack_shape(layer)
+    if not sizes:
+        return ()
+    coords = np.asarray(layer.world_to_data(viewer.dims.point), np.float64)[:len(sizes)]
+    return tuple(int(np.clip(np.round(c) if np.isfinite(c) else 0, 0, n - 1)) for c, n in zip(coords, sizes))
+
+
+def plane_text(plane: tuple[int, ...]) -> str:
+    """``"plane 3"`` or ``"plane (1, 3)"``; ``""`` for no plane."""
+    if not plane:
+        return ""
+    return f"plane {plane[0]}" if len(plane) == 1 else f"plane {tuple(plane)}"
+
+
+def section_for_layer(layer: Any, pixel_size_um: float, plane: tuple[int, ...] = ()):
+    """A core Section over the layer's (possibly multiscale, possibly lazy) data.
+
+    ``plane`` indexes the axes before (y, x) of a stack layer (see :func:`current_plane`); a stack
+    without one is refused by the core.
+    """
     from ..sections import section_from_array
 
-    data = list(layer.data) if layer.multiscale else layer.data
-    section = section_from_array(data, pixel_size_um, name=layer.name)
-    section.source = layer_source(layer) or layer.name
+    levels = list(layer.data) if layer.multiscale else [layer.data]
+    if plane:
+        levels = [level[tuple(plane)] for level in levels]
+    suffix = f" [{plane_text(plane)}]" if plane else ""
+    section = section_from_array(levels if layer.multiscale else levels[0], pixel_size_um, name=layer.name + suffix)
+    section.source = (layer_source(layer) or layer.name) + suffix
     return section
 
 

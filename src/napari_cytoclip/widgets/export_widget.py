@@ -59,10 +59,12 @@ def training_steps(pairs: Path, out: Path, init: Any, config: Any, stop: threadi
 
 
 def next_model_folder(out_dir: Path, name: str) -> Path:
-    """``<out>/models/<name>-finetuned-<k>`` for the first free k (never overwrites)."""
+    """``<out>/models/<name>-finetuned-<k>`` for the first free k (never overwrites); ``name`` is sanitised."""
+    from ..io_utils import safe_name
+
     k = 1
     while True:
-        folder = out_dir / "models" / f"{name}-finetuned-{k}"
+        folder = out_dir / "models" / f"{safe_name(name)}-finetuned-{k}"
         if not folder.exists() and not folder.with_name(folder.name + ".ckpt").exists():
             return folder
         k += 1
@@ -80,7 +82,8 @@ class ExportWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self._worker = None
-        self._stop: threading.Event | None = None
+        self._stop: threading.Event | None = None  # set to stop the running export or fine-tune
+        self._job: str | None = None  # "export" or "finetune" while one runs
         self.last_result = None
         self.last_bundle = None
 
@@ -183,17 +186,19 @@ class ExportWidget(QWidget):
         if ready is None or self._worker is not None:
             return None
         state, layer, out = ready
+        self._stop, self._job = threading.Event(), "export"
         args = (state.section, state.prediction, np.asarray(layer.data).copy(), out, state.bundle)
-        kwargs = {"confirmed": state.reviewed.copy(), "regions": list(state.regions)}
+        kwargs = {"confirmed": state.reviewed.copy(), "regions": list(state.regions), "stop": self._stop}
         self.result.setText("Exporting…")
         if blocking:
             try:
                 result = export_corrections(*args, **kwargs)
             except Exception as exc:
-                self._error(f"Export failed: {message_of(exc)}")
-                return None
+                result = WorkerFailure(exc)
+            finally:
+                self._stop, self._job = None, None
             self._on_exported(result)
-            return result
+            return None if isinstance(result, WorkerFailure) else result
         worker = create_worker(guarded, export_corrections, *args, _start_thread=False, _ignore_errors=True,
                                **kwargs)
         worker.returned.connect(self._on_exported)
@@ -206,7 +211,14 @@ class ExportWidget(QWidget):
     def _on_exported(self, result: Any) -> None:
         from napari.utils.notifications import show_info
 
+        from ..errors import Cancelled
+
+        if not self._alive():  # the viewer closed while the export ran
+            return
         if isinstance(result, WorkerFailure):
+            if isinstance(result.exc, Cancelled):
+                self.result.setText("Export cancelled: the pair list and annotations were left as they were.")
+                return
             self._error(f"Export failed: {message_of(result.exc)}")
             return
         self.last_result = result
@@ -239,7 +251,7 @@ class ExportWidget(QWidget):
         config = TrainConfig(epochs=int(self.epochs.value), batch_size=FINETUNE_BATCH, lr=FINETUNE_LR,
                              warmup_steps=1, steps_per_epoch=steps, device=str(state.model_key[1]))
         target = next_model_folder(out, state.bundle.name)
-        self._stop = threading.Event()
+        self._stop, self._job = threading.Event(), "finetune"
         gen = training_steps(pairs, target, init, config, self._stop)
         self.progress.max, self.progress.value = config.epochs * steps, 0
         self.train_status.setText(f"Fine-tuning on {n_pairs} pairs → {target}")
@@ -253,6 +265,8 @@ class ExportWidget(QWidget):
             except Exception as exc:
                 self._on_train_error(exc)
                 return None
+            finally:
+                self._stop, self._job = None, None
         worker = create_worker(drive, gen, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_train_progress)
         worker.returned.connect(lambda bundle: self._on_trained(state, bundle))
@@ -310,17 +324,28 @@ class ExportWidget(QWidget):
         self.train_status.setText(f"⚠ Fine-tuning failed: {message_of(exc)}")
 
     def cancel(self, *_: Any) -> None:
-        if self._stop is not None:
-            self._stop.set()
+        """Stop the running export (at the next pair) or fine-tune (at the next training step)."""
+        if self._stop is None:
+            return
+        self._stop.set()
+        if self._job == "export":
+            self.result.setText("Cancelling the export…")
+        else:
             self.train_status.setText("Cancelling at the next training step…")
 
     # ------------------------------------------------------------------ plumbing
     def _on_finished(self, *_: Any) -> None:
-        self._worker, self._stop = None, None
-        try:
+        self._worker, self._stop, self._job = None, None, None
+        if self._alive():
             self._set_busy(False)
-        except RuntimeError:  # widget deleted meanwhile
-            pass
+
+    def _alive(self) -> bool:
+        """False once Qt has deleted this widget (the viewer was closed while a worker ran)."""
+        try:
+            self.objectName()
+        except RuntimeError:
+            return False
+        return True
 
     def _set_busy(self, busy: bool) -> None:
         self.export_button.enabled = not busy

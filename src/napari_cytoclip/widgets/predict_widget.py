@@ -11,8 +11,8 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QPlainTextEdit, QVBoxLayout, QWidget
 
-from .common import (LayerChoices, WorkerFailure, drive, group, image_layer_choices, message_of, pixel_size_of,
-                     section_for_layer, shipped_bundle_path, status_label)
+from .common import (LayerChoices, WorkerFailure, current_plane, drive, group, image_layer_choices, message_of,
+                     pixel_size_of, plane_text, section_for_layer, shipped_bundle_path, stack_shape, status_label)
 from .layers import apply_batch, create_labels_layer, finish_layers, focus_cell, image_transform, review_marker
 from .legend import RegionLegend
 from .review import describe_top, identify_cells, least_confident_unreviewed, shapes_to_grid
@@ -22,6 +22,7 @@ from .state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 BATCH_SIZE = 64
 TOP_K = 5
+PIXEL_SIZE_MAX = 1e9  # µm; far above what check_pixel_size accepts, so an absurd layer scale is shown, then refused
 
 
 def prediction_steps(state: PredictionState, device: str, batch_size: int,
@@ -85,12 +86,15 @@ class PredictWidget(QWidget):
         self.device = ComboBox(label="Device", choices=DEVICES, value="auto")
         self.stride = FloatSpinBox(label="Stride (µm)", min=1.0, max=100000.0, step=10.0, value=100.0,
                                    tooltip="Grid step: one label per stride x stride square (default: the model's)")
-        self.pixel_size = FloatSpinBox(label="Pixel size (µm)", min=0.0, max=10000.0, step=0.001, value=0.0,
+        self.pixel_size = FloatSpinBox(label="Pixel size (µm)", min=0.0, max=PIXEL_SIZE_MAX, step=0.001, value=0.0,
                                        tooltip="Micrometres per image pixel (from the layer scale or metadata)")
+        self.plane = Label(label="Plane", value="",
+                           tooltip="A stack is predicted one plane at a time: the plane the viewer shows "
+                                   "(move the viewer's slider to choose another)")
         self.cache = FileEdit(label="Cache", mode="d", nullable=True, value=None,
                               tooltip="Optional folder for the tile embeddings: a rerun on the same image, "
                                       "model and stride loads them instead of predicting again")
-        self.form = Container(widgets=[self.image, self.model_path, self.model_info, self.device,
+        self.form = Container(widgets=[self.image, self.plane, self.model_path, self.model_info, self.device,
                                        self.stride, self.pixel_size, self.cache], labels=True)
         self.model_path.line_edit.native.setPlaceholderText("shipped model")
         self.cache.line_edit.native.setPlaceholderText("optional: keeps tile embeddings for reruns")
@@ -140,6 +144,7 @@ class PredictWidget(QWidget):
         self.identify_button.changed.connect(self.identify_selection)
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         napari_viewer.layers.selection.events.active.connect(self._on_active_layer)
+        napari_viewer.dims.events.current_step.connect(self._refresh_plane)
         self._refresh_model_info()
         self._on_image_changed()
 
@@ -187,8 +192,25 @@ class PredictWidget(QWidget):
     def _on_image_changed(self, *_: Any) -> None:
         layer = self.image.value
         if layer is not None:
-            px = pixel_size_of(layer)
-            self.pixel_size.value = px if px else 0.0
+            px = pixel_size_of(layer) or 0.0
+            if px > PIXEL_SIZE_MAX:  # never clamp silently: leave it unknown and say why
+                self._warn(f"'{layer.name}' has a pixel size of {px:g} µm, beyond any histology section; "
+                           "set the pixel size in micrometres per pixel")
+                px = 0.0
+            self.pixel_size.value = px
+        self._refresh_plane()
+
+    def _refresh_plane(self, *_: Any) -> None:
+        """Show which plane of a stack layer a run will predict (the viewer's current slice)."""
+        if not self._alive():
+            return
+        layer = self.image.value
+        sizes = stack_shape(layer) if layer is not None else ()
+        self.plane.visible = bool(sizes)
+        if sizes:
+            plane = current_plane(layer, self.viewer)
+            total = "×".join(str(n) for n in sizes)
+            self.plane.value = f"{plane_text(plane)} of {total} (the viewer's current slice)"
 
     # ------------------------------------------------------------------ running
     def _prepare(self) -> tuple[PredictionState, Generator] | None:
@@ -210,7 +232,8 @@ class PredictWidget(QWidget):
                 self._warn(str(w.message))
             bundle = self.bundle()
             stride = float(self.stride.value) or float(bundle.stride_um)
-            section = section_for_layer(layer, px)
+            plane = current_plane(layer, self.viewer)
+            section = section_for_layer(layer, px, plane)
             grid = TileGrid.covering(section.shape, px, stride)
         except Exception as exc:
             self._error(f"Cannot predict: {message_of(exc)}")
@@ -218,10 +241,11 @@ class PredictWidget(QWidget):
         scale, translate = image_transform(layer)
         device = str(self.device.value)
         key = (str(bundle.path), device)
-        state = PredictionState(image_name=layer.name, section=section, grid=grid, bundle=bundle, model_key=key,
+        image_name = f"{layer.name} [{plane_text(plane)}]" if plane else layer.name
+        state = PredictionState(image_name=image_name, section=section, grid=grid, bundle=bundle, model_key=key,
                                 stride_um=stride, image_scale=scale, image_translate=translate)
         state.model = self._models.get(key)
-        name = f"cytoclip regions ({layer.name})"
+        name = f"cytoclip regions ({image_name})"
         create_labels_layer(self.viewer, state, name, reuse=self._reusable_layer(name))
         self._set_current(state)
         return state, prediction_steps(state, device, BATCH_SIZE, self.cache_folder())

@@ -29,8 +29,8 @@ same code path a user takes; each step is skipped when its output exists, so a r
    ``napari-cytoclip evaluate`` on the held-out test plates (plate number a multiple of 5), at
    ``--eval-stride-um`` on ``--test-plates`` of the 26 (evenly spaced).
 
-Writes ``WORK/results.json``, ``benchmarks/loop_curve.png`` and ``benchmarks/loop_README_section.md``
-(text after the ``<!-- analysis -->`` line of an existing section is kept).
+Writes ``WORK/results.json``, ``benchmarks/loop_curve.png`` and the loop section of ``benchmarks/README.md``
+(between its ``<!-- loop:begin/end -->`` markers; text after the ``<!-- analysis -->`` line is kept).
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ PREVIOUS_NO_REPLAY = {"start": 0.510, "1": 0.328, "3": 0.446, "10": 0.517,
 STAIN_EARLIER = (0.7570, 0.7569, [5, 30, 55, 80, 105, 130], 200.0,
                  "measured in an earlier run with `python benchmarks/loop.py --start stain --ks '' --test-plates 6`")
 ANALYSIS_MARK = "<!-- analysis -->"
+SECTION_BEGIN, SECTION_END = "<!-- loop:begin -->", "<!-- loop:end -->"  # its part of benchmarks/README.md
 ARMS = ("replay", "plain")  # corrections with replay (the recipe), corrections alone (control)
 
 
@@ -637,12 +638,15 @@ def write_section(results: dict, path: Path, command: str, stain_results: dict |
     if ev:
         lines.append("Evaluation wall time per model: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(ev.items())) + ".")
         lines.append("")
-    kept = ""
-    if path.is_file():
-        old = path.read_text(encoding="utf-8")
-        if ANALYSIS_MARK in old:
-            kept = old[old.index(ANALYSIS_MARK):]
-    text = "\n".join(lines) + "\n" + (kept or ANALYSIS_MARK + "\n")
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if SECTION_BEGIN in old and SECTION_END in old:
+        head, rest = old.split(SECTION_BEGIN, 1)
+        body, tail = rest.split(SECTION_END, 1)
+    else:  # no section yet: append one
+        head, body, tail = old + ("\n" if old else ""), "", "\n"
+    kept = body[body.index(ANALYSIS_MARK):] if ANALYSIS_MARK in body else ANALYSIS_MARK + "\n"
+    text = (head + SECTION_BEGIN + "\n" + "\n".join(lines) + "\n" + kept.rstrip("\n") + "\n"
+            + SECTION_END + tail)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -678,7 +682,7 @@ def parse_args(argv=None):
                     help="results.json of a '--start stain' run to quote in the section")
     ap.add_argument("--report-only", action="store_true", help="only redraw the curve and section from results.json")
     ap.add_argument("--png", default=str(HERE / "loop_curve.png"))
-    ap.add_argument("--section", default=str(HERE / "loop_README_section.md"))
+    ap.add_argument("--section", default=str(HERE / "README.md"), help="Markdown file whose loop section is rewritten")
     return ap.parse_args(argv)
 
 

@@ -2,17 +2,47 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
+
+from .cputhreads import cpu_threads
+
+
+def float32_blocks(embeddings, rows: int = 4096, read_rows: int = 16384):
+    """``(start, block)`` pairs covering ``embeddings`` (float16/float32, numpy or zarr) as float32 torch blocks.
+
+    torch converts float16 in one reused buffer (numpy's cast costs ~2.5 ns a value, and no full float32
+    copy is made); zarr is read one 16k-row chunk at a time. Callers run it on one thread (``cpu_threads``).
+    """
+    import torch
+
+    n, dim = embeddings.shape
+    buf = torch.empty((rows, dim), dtype=torch.float32)
+    for j in range(0, n, read_rows):
+        chunk = np.asarray(embeddings[j:j + read_rows])
+        if chunk.dtype not in (np.float16, np.float32):
+            chunk = chunk.astype(np.float32)
+        with warnings.catch_warnings():  # read-only arrays (memory maps) are only read here
+            warnings.simplefilter("ignore", UserWarning)
+            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        for i in range(0, len(chunk), rows):
+            block = chunk[i:i + rows]
+            out = buf[:len(block)]
+            out.copy_(block)
+            yield j + i, out
 
 
 def region_probabilities(embeddings: np.ndarray, region_embeddings: np.ndarray, logit_scale: float) -> np.ndarray:
     """Softmax over regions of the scaled cosine similarity, ``(n, K)`` float32."""
-    logits = logit_scale * (np.asarray(embeddings, np.float32) @ region_embeddings.T.astype(np.float32))
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
-    return p
+    import torch
+
+    regions = torch.from_numpy(np.asarray(region_embeddings, np.float32)).T.contiguous()
+    out = np.empty((embeddings.shape[0], regions.shape[1]), np.float32)
+    with torch.inference_mode(), cpu_threads(1):
+        for i, block in float32_blocks(embeddings):
+            out[i:i + len(block)] = torch.softmax(float(logit_scale) * (block @ regions), dim=1).numpy()
+    return out
 
 
 def footprint_radius(label_um: float, stride_um: float) -> int:
@@ -67,5 +97,17 @@ def similarity_grid(cells: np.ndarray, embeddings: np.ndarray, text_embedding: n
     """Cosine similarity of each encoded cell to one text embedding; NaN outside tissue."""
     out = np.full(grid_shape, np.nan, np.float32)
     if len(cells):
-        out[cells[:, 0], cells[:, 1]] = np.asarray(embeddings, np.float32) @ text_embedding.astype(np.float32)
+        out[cells[:, 0], cells[:, 1]] = dot_with(embeddings, text_embedding)
+    return out
+
+
+def dot_with(embeddings: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``embeddings @ vector`` as float32 (embeddings numpy or zarr, float16 or float32), block by block."""
+    import torch
+
+    v = torch.from_numpy(np.asarray(vector, np.float32))
+    out = np.empty(embeddings.shape[0], np.float32)
+    with torch.inference_mode(), cpu_threads(1):
+        for i, block in float32_blocks(embeddings):
+            out[i:i + len(block)] = (block @ v).numpy()
     return out

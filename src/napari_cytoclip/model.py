@@ -12,6 +12,7 @@ import numpy as np
 
 from .bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, default_bundle_path, load_bundle,
                      load_regions_csv, resolve_text_tower)
+from .cputhreads import cpu_threads
 from .errors import BundleError
 
 TEXT_TRUNK_PREFIX = "text.transformer."
@@ -223,7 +224,7 @@ class CytoClip:
         todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if todo:
             tokens = self._tokenizer(todo).to(self.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), cpu_threads(1 if self.device.type == "cpu" else None):
                 emb = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
             for t, e in zip(todo, emb.cpu().numpy()):
                 self._text_cache[t] = e
@@ -232,6 +233,7 @@ class CytoClip:
     def region_embeddings(self, regions: Sequence[Region] | None = None) -> np.ndarray:
         """One embedding per region: its prompt ensemble averaged, then renormalised."""
         regions = self.regions if regions is None else regions
+        self.encode_texts([t for r in regions for t in r.texts()])  # every new prompt in one batch
         out = []
         for r in regions:
             e = self.encode_texts(r.texts()).mean(0)

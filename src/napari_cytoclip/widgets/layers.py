@@ -115,32 +115,50 @@ def _find(viewer: Any, layer: Any) -> Any:
 
 
 def create_labels_layer(viewer: Any, state: PredictionState, name: str, reuse: Any = None) -> Any:
-    """The grid-shaped Labels layer of a new run (reusing ``reuse`` if given), filled with 0."""
+    """The grid-shaped Labels layer of a new run (reusing ``reuse`` if given), filled with 0.
+
+    A new layer gets its colours and hover table in the constructor, so napari builds its visual once.
+    """
     from napari.layers import Labels
 
     data = np.zeros(tuple(state.grid.shape), np.uint16)
     t = state.transform
+    colormap, features = region_colormap(state.regions), features_table(state.regions)
+    carried: dict[str, Any] = {}
     if reuse is not None and layer_alive(viewer, reuse):
         layer = reuse
         old = state_of(layer)
         for role, aux in (old.layers.items() if old is not None else ()):
-            if role != "labels" and layer_alive(viewer, aux):
-                viewer.layers.remove(aux)  # views of the old run: a new run starts clean
+            if role == "confidence" and layer_alive(viewer, aux):
+                # kept, emptied, and refilled at the end: removing a layer costs napari a full
+                # gc.collect() on the main thread (about 0.4 s here with the model loaded)
+                aux.data = np.zeros(data.shape, np.float32)
+                aux.scale, aux.translate = t["scale"], t["translate"]
+                carried[role] = aux
+            elif role != "labels" and layer_alive(viewer, aux):
+                viewer.layers.remove(aux)  # other views of the old run: a new run starts clean
         layer.data = data
         layer.scale, layer.translate = t["scale"], t["translate"]
+        if old is None or [r.to_dict() for r in old.regions] != [r.to_dict() for r in state.regions]:
+            layer.colormap = colormap
+        layer.features = features
     else:
-        layer = Labels(data, name=name, scale=t["scale"], translate=t["translate"], opacity=0.55)
+        layer = Labels(data, name=name, scale=t["scale"], translate=t["translate"], opacity=0.55,
+                       colormap=colormap, features=features)
         viewer.add_layer(layer)
-    layer.colormap = region_colormap(state.regions)
-    layer.features = features_table(state.regions)
     layer.editable = False  # batches write into it until the run ends
-    state.layers = {"labels": layer}
+    state.layers = {"labels": layer, **carried}
     state.publish()
     return layer
 
 
-def apply_batch(state: PredictionState, cells: np.ndarray, labels: np.ndarray, confidence: np.ndarray) -> None:
-    """Write one batch of tile labels into the state and its Labels layer."""
+def apply_batch(state: PredictionState, cells: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
+                refresh: bool = True) -> None:
+    """Write one batch of tile labels into the state and, in place, into its Labels layer's data.
+
+    ``refresh=False`` leaves redrawing to the caller (see :func:`redraw_labels`), so that a stream
+    of small batches costs one redraw per interval instead of one per batch.
+    """
     cells = np.asarray(cells)
     if len(cells) == 0:
         return
@@ -150,21 +168,55 @@ def apply_batch(state: PredictionState, cells: np.ndarray, labels: np.ndarray, c
     layer = state.labels_layer
     if layer is not None:
         layer.data[rr, cc] = labels
+        if refresh:
+            layer.refresh()
+
+
+def redraw_labels(viewer: Any, state: PredictionState, full: bool = False) -> None:
+    """Redraw the Labels layer after in-place writes; ``full`` also updates its thumbnail and extent."""
+    layer = state.labels_layer
+    if layer is None or not layer_alive(viewer, layer):
+        return
+    if full:
         layer.refresh()
+    else:
+        layer.refresh(thumbnail=False, extent=False, highlight=False)
 
 
-def finish_layers(viewer: Any, state: PredictionState) -> None:
-    """After a complete run: final labels, features, colours and the confidence layer."""
+def finish_layers(viewer: Any, state: PredictionState, confidence: bool = True) -> None:
+    """After a complete run: final labels, hover table and (with ``confidence``) the confidence layer.
+
+    The colours were set when the layer was created (same regions), so they are not rebuilt here.
+    """
     pred = state.prediction
     state.predicted = np.asarray(pred.labels, np.uint16).copy()
     layer = state.labels_layer
     if layer is not None and layer_alive(viewer, layer):
-        layer.data = state.predicted.copy()
+        layer.data = state.predicted.copy()  # a full refresh of the layer
         layer.editable = True
-        refresh_region_layers(viewer, state)
-        _confidence_layer(viewer, state)
+        layer.features = features_table(state.regions, layer.data, pred.confidence)
+        if confidence:
+            _confidence_layer(viewer, state)
         viewer.layers.selection.active = layer
     state.publish()
+
+
+def drop_views(viewer: Any, state: PredictionState) -> None:
+    """Remove the layers of an unfinished run other than its Labels layer (a confidence layer kept from a rerun)."""
+    for role, aux in list(state.layers.items()):
+        if role != "labels":
+            state.layers.pop(role)
+            if layer_alive(viewer, aux):
+                viewer.layers.remove(aux)
+
+
+def show_confidence(viewer: Any, state: PredictionState) -> Any:
+    """The (hidden) confidence layer of a complete prediction, below its Labels layer; None without one."""
+    if state.prediction is None or not layer_alive(viewer, state.labels_layer):
+        return None
+    layer = _confidence_layer(viewer, state)
+    viewer.layers.selection.active = state.labels_layer
+    return layer
 
 
 def _confidence_layer(viewer: Any, state: PredictionState) -> Any:

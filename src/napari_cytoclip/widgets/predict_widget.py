@@ -1,6 +1,7 @@
 """The Predict regions widget: run the model over an image, then review, correct and identify."""
 from __future__ import annotations
 
+import os
 import warnings
 from functools import partial
 from pathlib import Path
@@ -13,7 +14,8 @@ from qtpy.QtWidgets import QHBoxLayout, QPlainTextEdit, QVBoxLayout, QWidget
 
 from .common import (LayerChoices, WorkerFailure, current_plane, drive, group, image_layer_choices, message_of,
                      pixel_size_of, plane_text, section_for_layer, shipped_bundle_path, stack_shape, status_label)
-from .layers import apply_batch, create_labels_layer, finish_layers, focus_cell, image_transform, review_marker
+from .layers import (apply_batch, create_labels_layer, drop_views, finish_layers, focus_cell, image_transform,
+                     redraw_labels, review_marker, show_confidence)
 from .legend import RegionLegend
 from .review import describe_top, identify_cells, least_confident_unreviewed, shapes_to_grid
 from .state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,
@@ -22,6 +24,8 @@ from .state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 BATCH_SIZE = 64
 TOP_K = 5
+REDRAW_MS = 200  # while streaming, the Labels layer is redrawn at most this often (a redraw costs 30-70 ms here)
+WORKER_NICE = 5  # the prediction worker's CPU priority (Linux nice value): below the UI thread
 PIXEL_SIZE_MAX = 1e9  # µm; far above what check_pixel_size accepts, so an absurd layer scale is shown, then refused
 
 
@@ -39,6 +43,7 @@ def prediction_steps(state: PredictionState, device: str, batch_size: int,
     from ..model import load_model
     from ..predict import predict_iter
 
+    _yield_cpu_to_ui()
     model = state.model
     if model is None:
         model = load_model(state.bundle, device=device, precision="auto")
@@ -60,6 +65,21 @@ def prediction_steps(state: PredictionState, device: str, batch_size: int,
     return prediction
 
 
+def _yield_cpu_to_ui(niceness: int = WORKER_NICE) -> None:
+    """Lower the calling (worker) thread's CPU priority, so that the UI thread wins a busy CPU.
+
+    Linux only (``setpriority`` on a thread id); torch's thread pool, started from this thread,
+    inherits it. Elsewhere, or when not permitted, nothing changes.
+    """
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), niceness))
+    except (AttributeError, OSError):
+        pass
+
+
 class PredictWidget(QWidget):
     """Predict brain regions on an image layer, stream them into a grid Labels layer, review and identify.
 
@@ -67,6 +87,10 @@ class PredictWidget(QWidget):
     each run has its own :class:`PredictionState`, stored in its Labels layer's
     ``metadata["cytoclip"]``. The legend, review queue and identify box act on the prediction of
     the active cytoclip Labels layer (or the latest run).
+
+    UI responsiveness: the model loads, and the section is planned, in the thread worker (at a
+    lower CPU priority, ``WORKER_NICE``); batches write into the layer's data in place and redraw
+    it at most every ``REDRAW_MS``; the end of a run is split over event-loop turns.
     """
 
     def __init__(self, napari_viewer: Any):
@@ -133,6 +157,21 @@ class PredictWidget(QWidget):
         self._legend_timer.setInterval(300)
         self._legend_timer.timeout.connect(self._refresh_legend)
         self._painted_layer = None
+
+        # Main-thread work of a threaded run is kept in small steps: batches write into the layer's
+        # data at once but redraw it at most every REDRAW_MS; the end of a run is split into steps
+        # run one per event-loop turn (``_deferred``), and the worker counts as running until they are done.
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.setInterval(REDRAW_MS)
+        self._redraw_timer.timeout.connect(self._redraw)
+        self._redraw_state: PredictionState | None = None
+        self._deferred: list = []
+        self._finish_pending: PredictionState | None = None
+        self._step_timer = QTimer(self)
+        self._step_timer.setSingleShot(True)
+        self._step_timer.setInterval(0)
+        self._step_timer.timeout.connect(self._run_deferred_step)
 
         self._choices = LayerChoices(napari_viewer, self.image)
         self.image.changed.connect(self._on_image_changed)
@@ -292,7 +331,7 @@ class PredictWidget(QWidget):
             while True:
                 self._on_yielded(state, next(steps))
         except StopIteration as stop:
-            self._on_returned(state, stop.value)
+            self._on_returned(state, stop.value, deferred=False)
         except Exception as exc:
             self._on_errored(state, exc)
         finally:
@@ -344,10 +383,16 @@ class PredictWidget(QWidget):
             return
         if not layer_alive(self.viewer, state.labels_layer):
             state.set_status(CANCELLED, "the Labels layer was closed")
+            drop_views(self.viewer, state)
             if self._worker is not None and self._running is state:
                 self._worker.quit()
             return
-        apply_batch(state, item.cells, item.labels, item.confidence)
+        threaded = self._worker is not None and self._running is state
+        apply_batch(state, item.cells, item.labels, item.confidence, refresh=not threaded)
+        if threaded:
+            self._redraw_state = state
+            if not self._redraw_timer.isActive():
+                self._redraw_timer.start()
         state.done, state.total = int(item.done), int(item.total)
         if self._running is state:
             self.progress.max = max(state.total, 1)
@@ -355,7 +400,14 @@ class PredictWidget(QWidget):
             self.status.setText(f"{state.done} / {state.total} tissue tiles classified")
         state.changed.emit("batch")
 
-    def _on_returned(self, state: PredictionState, prediction: Any) -> None:
+    def _redraw(self) -> None:
+        state, self._redraw_state = self._redraw_state, None
+        if state is not None and state.status == RUNNING and self._alive():
+            redraw_labels(self.viewer, state)
+
+    def _on_returned(self, state: PredictionState, prediction: Any, deferred: bool = True) -> None:
+        """The end of a run: final labels at once; with ``deferred``, the confidence layer and the legend
+        follow in later event-loop turns (adding a layer costs napari 100-200 ms here)."""
         if not self._alive():
             return
         if isinstance(prediction, WorkerFailure):
@@ -365,32 +417,75 @@ class PredictWidget(QWidget):
             return
         if state.model is None:
             state.model = self._models.get(state.model_key)
+        self._redraw_timer.stop()
+        self._redraw_state = None
         prediction.complete = True
         state.prediction = prediction
         state.done = state.total = len(prediction.cells)
         alive = layer_alive(self.viewer, state.labels_layer)
         state.status = COMPLETE if alive else CANCELLED
-        if alive:
-            finish_layers(self.viewer, state)
+        if not alive:
+            drop_views(self.viewer, state)
+        self._finish_labels(state)  # at once (cheap): the layer and the state agree as soon as it is complete
+        steps = [partial(self._finish_confidence, state), partial(self._finish_views, state)]
+        if not deferred:
+            for step in steps:
+                step()
+            return
+        self._deferred.extend(steps)
+        self._step_timer.start()
+
+    def _finish_labels(self, state: PredictionState) -> None:
+        if state.status == COMPLETE and layer_alive(self.viewer, state.labels_layer):
+            finish_layers(self.viewer, state, confidence=False)
         state.publish()
+
+    def _finish_confidence(self, state: PredictionState) -> None:
+        if state.status == COMPLETE:
+            show_confidence(self.viewer, state)
+
+    def _finish_views(self, state: PredictionState) -> None:
+        if state.status != COMPLETE:
+            return
         state.changed.emit("complete")
         if self._state is state:
             self._refresh_legend()
         if self._running is state:
             self.progress.max = self.progress.value = max(state.total, 1)
-            rate = prediction.timings.get("tiles_per_s", 0.0)
+            rate = state.prediction.timings.get("tiles_per_s", 0.0)
             how = "embeddings from the cache" if state.message.startswith("embeddings loaded") \
                 else f"{rate:.0f} tiles/s"
             self.status.setText(f"Done: {state.total} tiles on a {state.grid.shape[0]}×{state.grid.shape[1]} grid "
                                 f"of {state.stride_um:g} µm ({how}). Hover to see region names; "
                                 "paint to correct.")
 
+    def _run_deferred_step(self) -> None:
+        """Run one deferred end-of-run step; after the last, finish the run if the worker has ended."""
+        if not self._alive():
+            return
+        if self._deferred:
+            step = self._deferred.pop(0)
+            try:
+                step()
+            finally:
+                if self._deferred:
+                    self._step_timer.start()
+                elif self._finish_pending is not None:
+                    state, self._finish_pending = self._finish_pending, None
+                    self._end_run(state)
+        elif self._finish_pending is not None:
+            state, self._finish_pending = self._finish_pending, None
+            self._end_run(state)
+
     def _on_errored(self, state: PredictionState, exc: BaseException) -> None:
         state.set_status(FAILED, message_of(exc))
+        drop_views(self.viewer, state)
         layer = state.labels_layer
         if state.done == 0 and layer_alive(self.viewer, layer):
             self.viewer.layers.remove(layer)  # nothing in it: do not leave an empty result behind
         elif layer is not None:
+            if layer_alive(self.viewer, layer):
+                redraw_labels(self.viewer, state, full=True)  # batches since the last throttled redraw
             layer.editable = True
         self._error(f"Prediction failed: {message_of(exc)}")
 
@@ -403,8 +498,11 @@ class PredictWidget(QWidget):
     def _mark_cancelled(self, state: PredictionState) -> None:
         if state.status == RUNNING:
             state.set_status(CANCELLED, f"cancelled after {state.done} of {state.total} tiles")
+        drop_views(self.viewer, state)
         layer = state.labels_layer
         if layer is not None:
+            if layer_alive(self.viewer, layer):
+                redraw_labels(self.viewer, state, full=True)  # batches since the last throttled redraw
             layer.editable = True
         if self._running is state:
             self.status.setText(f"Cancelled after {state.done} of {state.total} tiles: the layer shows the "
@@ -419,6 +517,14 @@ class PredictWidget(QWidget):
             state.status = CANCELLED if state.status == RUNNING else state.status
             self._worker, self._running = None, None
             return
+        if self._deferred:  # end-of-run steps still queued: the run ends after the last one
+            self._finish_pending = state
+            return
+        self._end_run(state)
+
+    def _end_run(self, state: PredictionState) -> None:
+        self._redraw_timer.stop()
+        self._redraw_state = None
         if state.status == RUNNING:  # quit between the last batch and the return
             self._mark_cancelled(state)
         if self._running is state:

@@ -115,6 +115,15 @@ def section_for_layer(layer: Any, pixel_size_um: float, plane: tuple[int, ...] =
     return section
 
 
+def widget_alive(widget: QWidget) -> bool:
+    """False once Qt has deleted ``widget`` (the viewer was closed while a worker ran)."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
 def message_of(exc: BaseException) -> str:
     from ..errors import CytoclipError
 

@@ -13,7 +13,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, ProgressBar, PushBut
 from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 
 from .common import (LayerChoices, WorkerFailure, drive, group, guarded, message_of, prediction_layer_choices,
-                     status_label)
+                     status_label, widget_alive)
 from .state import PredictionState, state_of
 
 FINETUNE_BATCH = 32
@@ -340,12 +340,7 @@ class ExportWidget(QWidget):
             self._set_busy(False)
 
     def _alive(self) -> bool:
-        """False once Qt has deleted this widget (the viewer was closed while a worker ran)."""
-        try:
-            self.objectName()
-        except RuntimeError:
-            return False
-        return True
+        return widget_alive(self)
 
     def _set_busy(self, busy: bool) -> None:
         self.export_button.enabled = not busy

@@ -13,7 +13,8 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QPlainTextEdit, QVBoxLayout, QWidget
 
 from .common import (LayerChoices, WorkerFailure, current_plane, drive, group, image_layer_choices, message_of,
-                     pixel_size_of, plane_text, section_for_layer, shipped_bundle_path, stack_shape, status_label)
+                     pixel_size_of, plane_text, section_for_layer, shipped_bundle_path, stack_shape, status_label,
+                     widget_alive)
 from .layers import (apply_batch, create_labels_layer, drop_views, finish_layers, focus_cell, image_transform,
                      redraw_labels, review_marker, show_confidence)
 from .legend import RegionLegend
@@ -358,12 +359,7 @@ class PredictWidget(QWidget):
 
     # ------------------------------------------------------------------ worker handlers (main thread)
     def _alive(self) -> bool:
-        """False once Qt has deleted this widget (the viewer was closed while a worker ran)."""
-        try:
-            self.objectName()
-        except RuntimeError:
-            return False
-        return True
+        return widget_alive(self)
 
     def _on_yielded(self, state: PredictionState, item: Any) -> None:
         if not self._alive():  # the viewer closed under a running worker: stop it quietly

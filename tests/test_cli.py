@@ -14,7 +14,7 @@ from napari_cytoclip.pairs import read_pairs
 
 PLATE = 41
 FILES = {"labels.tif", "confidence.tif", "prediction.json", "regions.csv", "annotations.geojson", "cache",
-         "labels_fullres.tif"}
+         "labels_fullres.tif", "written-by-napari-cytoclip.json"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,10 @@ def test_predict_again_refuses_with_one_line(env, predicted, capsys):
 
 
 def test_predict_overwrite_replaces(env, predicted, capsys):
-    (predicted / "stale.txt").write_text("old")
+    (predicted / "stale.txt").write_text("old")  # a file it did not write: never deleted (issue 16)
+    rc, out, err = _predict(capsys, env, predicted.parent, "--overwrite")
+    assert rc == 2 and "stale.txt" in err and (predicted / "stale.txt").read_text() == "old"
+    (predicted / "stale.txt").unlink()
     rc, out, err = _predict(capsys, env, predicted.parent, "--overwrite", "--full-resolution", "--batch-size", "256")
     assert rc == 0, err
     assert out.strip() == str(predicted)
@@ -160,6 +163,6 @@ def test_evaluate_cli(env, tmp_path, capsys):
     assert (tmp_path / "rep" / "report.json").is_file()
     rc, _, err = _run(capsys, "evaluate", "--model", model, "--images", plate.image, "--labels", plate.labels,
                       "--pixel-size", plate.um_per_px, "--out", tmp_path / "rep", "--device", "cpu", "--quiet")
-    assert rc == 2 and "report.json" in err
+    assert rc == 2 and str(tmp_path / "rep") in err and "already exists" in err
     rc, _, err = _run(capsys, "evaluate", "--model", model, "--out", tmp_path / "rep2")
     assert rc == 2 and "--allen-split" in err

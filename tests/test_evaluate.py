@@ -38,7 +38,8 @@ def report(model, tmp_path_factory):
 
 def test_report_files_and_keys(report):
     out, rep, calls, plates = report
-    assert {p.name for p in out.iterdir()} == {"report.json", "confusion.png", "f1_per_region.png"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "confusion.png", "f1_per_region.png",
+                                               "written-by-napari-cytoclip.json"}
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["macro_f1"] == pytest.approx(rep["macro_f1"])
     assert 0.0 <= rep["macro_f1"] <= 1.0 and 0.0 <= rep["accuracy"] <= 1.0
@@ -87,7 +88,7 @@ def test_progress_reaches_the_end(report):
 def test_refuses_to_overwrite_report(model, report):
     out, rep, calls, plates = report
     before = (out / "report.json").read_text()
-    with pytest.raises(OutputError, match="report.json.*already exists"):
+    with pytest.raises(OutputError, match="report: already exists .use --overwrite"):
         evaluate(model, [plates[0].image], [plates[0].labels], out, pixel_sizes=[plates[0].um_per_px])
     assert (out / "report.json").read_text() == before
 

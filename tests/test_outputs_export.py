@@ -37,7 +37,8 @@ def setup(tmp_path_factory):
 def test_cache_round_trip_small(setup, tmp_path):
     bundle, model, section, _, pred = setup
     folder = save_prediction(pred, tmp_path / "cache")
-    assert sorted(p.name for p in folder.iterdir()) == ["embeddings.npz", "prediction.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["embeddings.npz", "prediction.json",
+                                                        "written-by-napari-cytoclip.json"]
     back = load_prediction(folder, expected_signature(section, bundle, pred.grid))
     assert back.grid == pred.grid
     assert np.array_equal(back.cells, pred.cells) and back.embeddings.dtype == np.float16
@@ -99,7 +100,7 @@ def test_write_prediction_folder(setup, tmp_path):
     out = write_prediction_folder(pred, section, tmp_path / "res", full_resolution=True)
     names = {p.name for p in out.iterdir()}
     assert names == {"labels.tif", "confidence.tif", "prediction.json", "regions.csv", "annotations.geojson",
-                     "cache", "labels_fullres.tif"}
+                     "cache", "labels_fullres.tif", "written-by-napari-cytoclip.json"}
     labels = tifffile.imread(out / "labels.tif")
     assert labels.dtype == np.uint16 and np.array_equal(labels, pred.labels)
     conf = tifffile.imread(out / "confidence.tif")
@@ -150,10 +151,13 @@ def _rings(geometry):
 def test_write_prediction_folder_refuses_overwrite(setup, tmp_path):
     _, _, section, _, pred = setup
     out = write_prediction_folder(pred, section, tmp_path / "res")
-    (out / "labels.tif").write_bytes(b"user edit")
     with pytest.raises(OutputError, match="already exists"):
         write_prediction_folder(pred, section, out)
+    (out / "labels.tif").write_bytes(b"user edit")
+    with pytest.raises(OutputError, match="labels.tif, not written by napari-cytoclip"):  # never replaced (issue 16)
+        write_prediction_folder(pred, section, out, overwrite=True)
     assert (out / "labels.tif").read_bytes() == b"user edit"
+    (out / "labels.tif").unlink()
     write_prediction_folder(pred, section, out, overwrite=True)
     assert np.array_equal(tifffile.imread(out / "labels.tif"), pred.labels)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left

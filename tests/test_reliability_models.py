@@ -458,6 +458,7 @@ def _train(tmp, marker, tiny_dir, planted: str):
     out = tmp / "trained"
     ckpt = tmp / "trained.ckpt"
     ckpt.mkdir()
+    (ckpt / "cytoclip-train.json").write_text("{}")  # a checkpoint folder made by train, then tampered with
     path = evil_zip(ckpt / planted, marker)
     config = TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1, warmup_steps=1, device="cpu", augment=False)
     return path, lambda: train([pairs], out, tiny_dir, config)

@@ -32,6 +32,7 @@ from helpers import tiny_bundle
 
 from napari_cytoclip import cli
 from napari_cytoclip.errors import CytoclipError, OutputError
+from napari_cytoclip.io_utils import MARKER
 
 PX = 5.0
 
@@ -377,7 +378,7 @@ def test_export_fault_midway_keeps_earlier_export(env, tmp_path, disk, phase, fa
         assert path.is_file(), f"{rel} was lost"
         if path.read_bytes() != data:
             assert rel in ("labels.tif", "annotations.geojson", "regions.csv", "labels_fullres.tif",
-                           "pairs/pairs.csv", "pairs/pairs.jsonl"), f"{rel} was changed"
+                           "pairs/pairs.csv", "pairs/pairs.jsonl", MARKER), f"{rel} was changed"
             valid_version(path, pred.grid.shape)
     assert old_pairs <= {f.name for f in read_pairs(out / "pairs")[0]}
     assert not hidden(out)
@@ -455,59 +456,50 @@ def test_cli_interrupt_mid_predict_keeps_finished_results(env, tmp_path, capsys,
 
 
 # ------------------------------------------------------------------------------------------ symlinks and names
-def export_once(env, out: Path):
+def export_once(env, out: Path, first: int = 0):
     from napari_cytoclip.export import export_corrections
 
-    return export_corrections(env["section"], env["prediction"], corrections(env["prediction"], 0, 3), out,
+    return export_corrections(env["section"], env["prediction"], corrections(env["prediction"], first, 3), out,
                               env["bundle"])
 
 
-def plant_pairs_link(out: Path, outside: Path) -> None:
-    (out / "pairs").symlink_to(outside, target_is_directory=True)
-
-
-def plant_tiles_link(out: Path, outside: Path) -> None:
-    (out / "pairs").mkdir(parents=True)
-    (out / "pairs" / "tiles").symlink_to(outside, target_is_directory=True)
-
-
-def plant_file_link(name: str):
-    def plant(out: Path, outside: Path) -> None:
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        if name != "export.json":  # the folder is an earlier export of ours: its files may be rewritten
-            (out / "export.json").write_text(json.dumps({"format": "napari-cytoclip-export", "exports": []}))
-        (outside / "victim.txt").write_text("precious")
-        (out / name).symlink_to(outside / "victim.txt")
+def plant_link(rel: str):
+    """An earlier export of ours (its marker lists its files) in which ``rel`` was replaced by a symlink out."""
+    def plant(env, out: Path, outside: Path) -> None:
+        export_once(env, out)
+        target = out / rel
+        if target.is_dir():
+            shutil.rmtree(target)
+            target.symlink_to(outside, target_is_directory=True)
+        else:
+            target.unlink()
+            (outside / "victim.txt").write_text("precious")
+            target.symlink_to(outside / "victim.txt")
     return plant
 
 
-SYMLINK_CASES = {
-    "pairs_folder_links_out": (plant_pairs_link, "refuse"),
-    "tiles_folder_links_out": (plant_tiles_link, "refuse"),
-    "labels_tif_links_out": (plant_file_link("labels.tif"), "replace_link"),
-    "geojson_links_out": (plant_file_link("annotations.geojson"), "replace_link"),
-    "export_json_links_out": (plant_file_link("export.json"), "replace_link"),
-    "pairs_csv_links_out": (plant_file_link("pairs/pairs.csv"), "replace_link"),
-}
+# each is refused: a symlinked folder by the inside-the-folder check, a symlinked file because the
+# marker lists only the regular file an export wrote there
+SYMLINK_CASES = {case: plant_link(rel) for case, rel in {
+    "pairs_folder_links_out": "pairs", "tiles_folder_links_out": "pairs/tiles", "labels_tif_links_out": "labels.tif",
+    "geojson_links_out": "annotations.geojson", "export_json_links_out": "export.json",
+    "pairs_csv_links_out": "pairs/pairs.csv"}.items()}
+
+
 @pytest.mark.parametrize("case", list(SYMLINK_CASES))
 def test_exports_never_write_outside_their_folder(env, tmp_path, case):
-    plant, expect = SYMLINK_CASES[case]
     outside = tmp_path / "outside"
     outside.mkdir()
     out = tmp_path / "export"
-    out.mkdir(exist_ok=True)
-    plant(out, outside)
+    SYMLINK_CASES[case](env, out, outside)
     before = snapshot(outside)
-    if expect == "refuse":
-        with pytest.raises(OutputError, match="outside"):
-            export_once(env, out)
-    else:
-        export_once(env, out)
+    with pytest.raises(OutputError, match="outside|not written by an export"):
+        export_once(env, out, first=3)  # new pairs: tiles, pairs.csv and the annotations are all written
     assert snapshot(outside) == before, "something was written outside the export folder"
 
 
 def test_results_overwrite_does_not_follow_a_symlinked_folder(env, tmp_path):
-    """--overwrite where the results folder is a symlink: the linked folder's content is not deleted."""
+    """--overwrite where the results folder is a symlink: refused, the linked folder's content is kept."""
     from napari_cytoclip.outputs import write_prediction_folder
 
     elsewhere = tmp_path / "elsewhere"
@@ -516,9 +508,10 @@ def test_results_overwrite_does_not_follow_a_symlinked_folder(env, tmp_path):
     link = tmp_path / "out" / "section"
     link.parent.mkdir()
     link.symlink_to(elsewhere, target_is_directory=True)
-    write_prediction_folder(env["prediction"], env["section"], link, overwrite=True)
-    assert (elsewhere / "thesis.docx").read_text() == "precious"
-    assert (link / "prediction.json").is_file() and not link.is_symlink()
+    with pytest.raises(OutputError, match="symbolic link"):
+        write_prediction_folder(env["prediction"], env["section"], link, overwrite=True)
+    assert (elsewhere / "thesis.docx").read_text() == "precious" and link.is_symlink()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["thesis.docx"]
 
 
 def test_pair_rows_cannot_point_outside(tmp_path):
@@ -527,7 +520,7 @@ def test_pair_rows_cannot_point_outside(tmp_path):
     folder = tmp_path / "pairs"
     folder.mkdir()
     (folder / "pairs.csv").write_text("filepath,caption\n../../etc/passwd,a tile\n")
-    with pytest.raises(OutputError, match="outside"):
+    with pytest.raises(CytoclipError, match="outside"):
         read_pairs(folder)
 
 
@@ -745,7 +738,7 @@ def test_reexport_is_idempotent(env, tmp_path):
     after = snapshot(out)
     changed = {k for k in before if before[k] != after[k]}
     assert set(after) == set(before)  # no new file at all
-    assert changed <= {"export.json", "annotations.geojson", "labels.tif"}
+    assert changed <= {"export.json", "annotations.geojson", "labels.tif", MARKER}
     (tmp_path / "before.geojson").write_bytes(before["annotations.geojson"])
     assert geojson_without_ids(out / "annotations.geojson") == geojson_without_ids(tmp_path / "before.geojson")
     np.testing.assert_array_equal(tifffile.imread(out / "labels.tif"), edited)

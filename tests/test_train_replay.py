@@ -93,7 +93,7 @@ def test_interrupted_run_keeps_one_small_checkpoint_and_resumes(tiny, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train([folder], out, tiny, config, progress=stop_in_epoch_3)
     ckpt = tmp_path / "model.ckpt"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt", "text_features.pt"]  # no best.pt without --val
+    assert sorted(p.name for p in ckpt.iterdir()) == ["cytoclip-train.json", "last.pt", "text_features.pt"]  # no best.pt without --val
     saved = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 2 and not any(k.startswith(TEXT_TRUNK_PREFIX) for k in saved["model"])
     assert any(k.startswith("visual.") for k in saved["model"])

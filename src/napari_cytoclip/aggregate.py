@@ -8,6 +8,8 @@ import numpy as np
 
 from .cputhreads import cpu_threads
 
+MAX_VOTE_SHIFTS = 81  # footprints wider than 9 x 9 cells vote by box sums (cost independent of their size)
+
 
 def float32_blocks(embeddings, rows: int = 4096, read_rows: int = 16384):
     """``(start, block)`` pairs covering ``embeddings`` (float16/float32, numpy or zarr) as float32 torch blocks.
@@ -67,6 +69,9 @@ def vote(cells: np.ndarray, probs: np.ndarray, grid_shape: tuple[int, int], radi
     confidence = np.zeros(grid_shape, np.float32)
     if len(cells) == 0:
         return index, confidence
+    radius = max(0, min(int(radius), max(rows, cols) - 1))  # a wider footprint adds nothing more
+    if (2 * radius + 1) ** 2 > MAX_VOTE_SHIFTS:
+        return _vote_box(cells, probs, grid_shape, radius)
     acc = np.zeros((rows, cols, k), np.float32)
     cnt = np.zeros((rows, cols), np.float32)
     encoded = np.zeros(grid_shape, bool)
@@ -83,6 +88,38 @@ def vote(cells: np.ndarray, probs: np.ndarray, grid_shape: tuple[int, int], radi
     mean = acc[has] / cnt[has, None]
     index[has] = mean.argmax(1)
     confidence[has] = mean.max(1)
+    return index, confidence
+
+
+def _box_sum(a: np.ndarray, radius: int) -> np.ndarray:
+    """Sum of ``a`` (2-D) over the ``(2r+1)^2`` square around each cell (zeros outside), via an integral image."""
+    rows, cols = a.shape
+    integral = np.zeros((rows + 1, cols + 1), np.float64)
+    np.cumsum(np.cumsum(a, 0, dtype=np.float64), 1, out=integral[1:, 1:])
+    y0 = np.clip(np.arange(rows) - radius, 0, rows)
+    y1 = np.clip(np.arange(rows) + radius + 1, 0, rows)
+    x0 = np.clip(np.arange(cols) - radius, 0, cols)
+    x1 = np.clip(np.arange(cols) + radius + 1, 0, cols)
+    return (integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0])
+
+
+def _vote_box(cells: np.ndarray, probs: np.ndarray, grid_shape: tuple[int, int],
+              radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`vote` for wide footprints: per region, box sums over the grid (work independent of ``radius``)."""
+    index = np.full(grid_shape, -1, np.int32)
+    confidence = np.zeros(grid_shape, np.float32)
+    encoded = np.zeros(grid_shape, bool)
+    encoded[cells[:, 0], cells[:, 1]] = True
+    cnt = _box_sum(encoded.astype(np.float64), radius)[encoded]
+    best = np.full(len(cnt), -np.inf)
+    arg = np.zeros(len(cnt), np.int32)
+    plane = np.zeros(grid_shape, np.float32)
+    for j in range(probs.shape[1]):
+        plane[cells[:, 0], cells[:, 1]] = probs[:, j]
+        mean = (_box_sum(plane, radius)[encoded] / cnt).astype(np.float32)
+        better = mean > best
+        best[better], arg[better] = mean[better], j
+    index[encoded], confidence[encoded] = arg, best
     return index, confidence
 
 

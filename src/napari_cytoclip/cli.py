@@ -32,7 +32,7 @@ def _add_common(p: argparse.ArgumentParser, model_help: str = "model bundle fold
     p.add_argument("--model", type=Path, default=None, metavar="BUNDLE", help=model_help)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (predict: print only the results folders)")
 
 
 def _add_predict(sub) -> None:
@@ -151,7 +151,7 @@ def cmd_predict(args) -> int:
 
         info = plate_41_info()
         args.images = [*args.images, SAMPLE_DIR / info["image"]]
-        args.pixel_size = args.pixel_size or float(info["pixel_size_um"])
+        args.pixel_size = float(info["pixel_size_um"]) if args.pixel_size is None else args.pixel_size
     if not args.images:
         raise ValueError("give at least one IMAGE (or --sample)")
     if args.plane is not None and args.plane < 0:
@@ -171,8 +171,20 @@ def cmd_predict(args) -> int:
                                     full_resolution=args.full_resolution)
         finally:
             section.close()
-        print(target, flush=True)
+        _print_result(target, args.quiet)
     return 0
+
+
+def _print_result(target: Path, quiet: bool) -> None:
+    """The results folder, then (unless ``quiet``) what was found and how to open it."""
+    from .outputs import results_summary
+
+    print(target, flush=True)
+    if not quiet:
+        try:
+            print(results_summary(target), flush=True)
+        except Exception:  # noqa: BLE001 - the results are written; only the summary could not be read back
+            pass
 
 
 def _check_batch(n: int) -> None:
@@ -181,8 +193,9 @@ def _check_batch(n: int) -> None:
 
 
 def _predict_targets(images: list[Path], out: Path, overwrite: bool) -> list[Path]:
-    """``out/<stem>`` for each image, refused up front when missing, clashing or already there."""
+    """``out/<stem>`` for each image, refused up front when missing, clashing, already there or not ours."""
     from .errors import SectionError
+    from .io_utils import check_output_folder
 
     targets = []
     for image in images:
@@ -194,8 +207,8 @@ def _predict_targets(images: list[Path], out: Path, overwrite: bool) -> list[Pat
         if target in seen:
             raise OutputError(target, f"{seen[target]} and {image} would share this results folder; rename one")
         seen[target] = image
-        if target.exists() and not overwrite:
-            raise OutputError(target, "already exists (use --overwrite to replace it)")
+    for target in targets:
+        check_output_folder(target, overwrite, inputs=images)
     return targets
 
 
@@ -219,7 +232,7 @@ def _predict_distributed(args) -> int:
                            device=args.device, precision=args.precision, full_resolution=args.full_resolution,
                            overwrite=args.overwrite)
     for target in targets:
-        print(target, flush=True)
+        _print_result(target, args.quiet)
     return 0
 
 
@@ -249,7 +262,7 @@ def cmd_train(args) -> int:
             return
         if bar.total != info["steps"] or info["step"] + 1 < bar.n:
             bar.reset(total=info["steps"])
-        bar.set_description(f"epoch {info['epoch'] + 1}/{config.epochs}")
+        bar.set_description(f"epoch {info['epoch'] + 1}/{info.get('epochs', config.epochs)}")
         bar.set_postfix(loss=f"{info['loss']:.4f}", refresh=False)
         bar.update(info["step"] + 1 - bar.n)
 
@@ -354,7 +367,8 @@ def _prediction_for_export(args):
     folder = args.prediction / CACHE_DIR if (args.prediction / CACHE_DIR).is_dir() else args.prediction
     cached = load_prediction(folder)
     bundle = _bundle(args.model)
-    section = open_section(args.image, pixel_size_um=args.pixel_size or cached.grid.pixel_size_um)
+    section = open_section(args.image, pixel_size_um=cached.grid.pixel_size_um if args.pixel_size is None
+                           else args.pixel_size)
     grid = TileGrid.covering(section.shape, section.require_pixel_size(), cached.grid.stride_um)
     check_signature(cached, jsonable(expected_signature(section, bundle, grid)), str(args.prediction))
     return cached, section, bundle
@@ -386,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
     try:
         return COMMANDS[args.command](args)
-    except (CytoclipError, OSError, ValueError) as exc:
+    except (CytoclipError, OSError, ValueError, MemoryError, RecursionError) as exc:
         if debug:
             raise
         print(f"{PROG}: error: {_error_text(exc)}", file=sys.stderr)

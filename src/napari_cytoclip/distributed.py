@@ -297,7 +297,7 @@ class _SplitJob:
                           signature=sig,
                           label_um=self.bundle.label_um, logit_scale=info["logit_scale"],
                           polarity=self.mask.polarity, source=self.section.source or self.section.name,
-                          model_name=self.bundle.name,
+                          model_name=self.bundle.name, model_path=str(self.bundle.path or ""),
                           timings={"plan_s": self.t_plan, "encode_s": self.encode_s, "total_s": total,
                                    "tiles_per_s": len(self.cells) / total if total else 0.0,
                                    "chunks": len(self.starts), "distributed": True})
@@ -361,6 +361,7 @@ def predict_section_distributed(section_path: str | Path, client: Any, model_pat
 # --------------------------------------------------------------------------------- many sections
 def _targets(images: Sequence[Path], out: Path, overwrite: bool) -> list[Path]:
     from .cli import image_stem  # the same results-folder names as the single-process CLI
+    from .io_utils import check_output_folder
 
     targets, seen = [], {}
     for image in images:
@@ -369,8 +370,7 @@ def _targets(images: Sequence[Path], out: Path, overwrite: bool) -> list[Path]:
         target = Path(out) / image_stem(image)
         if target in seen:
             raise OutputError(target, f"{seen[target]} and {image} would share this results folder; rename one")
-        if target.exists() and not overwrite:
-            raise OutputError(target, "already exists (use --overwrite to replace it)")
+        check_output_folder(target, overwrite, inputs=images)
         seen[target] = image
         targets.append(target)
     return targets

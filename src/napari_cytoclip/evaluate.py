@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import CytoclipError, OutputError
-from .io_utils import atomic_write_text, atomic_write_with
+from .errors import CytoclipError
+from .io_utils import atomic_write_text, atomic_write_with, check_output_folder, new_output_folder
 from .model import CytoClip
 from .outputs import now_iso, upsample_rows
 
@@ -39,7 +39,8 @@ def evaluate(model: CytoClip, images: Sequence[str | Path], labels: Sequence[str
 
     ``progress(done_tiles, total_tiles, image_name)`` is called after each batch; ``info`` is
     added to the report as it is. Writes ``report.json``, ``confusion.png`` and
-    ``f1_per_region.png`` (``report.json`` is never replaced unless ``overwrite``); returns the report.
+    ``f1_per_region.png`` into a new folder (an earlier report folder is replaced only with ``overwrite``,
+    and only when napari-cytoclip wrote all of it); returns the report.
     """
     images, labels = [Path(p) for p in images], [Path(p) for p in labels]
     out = Path(out)
@@ -59,7 +60,7 @@ def evaluate(model: CytoClip, images: Sequence[str | Path], labels: Sequence[str
     report = {**_report(model, cm, ignore, per_image, stride_um), **(info or {})}
     report["retrieval"] = retrieval_report(model, np.concatenate(tiles_emb), np.concatenate(tiles_lab),
                                            _normalise_queries(queries))
-    _write_report(report, cm, model, out)
+    _write_report(report, cm, model, out, overwrite)
     return report
 
 
@@ -73,10 +74,7 @@ def _check_inputs(images: list[Path], labels: list[Path], pixel_sizes, out: Path
     for path in [*images, *labels]:
         if not path.is_file():
             raise CytoclipError(path, "no such file")
-    if out.exists() and not out.is_dir():
-        raise OutputError(out, "exists and is not a folder")
-    if (out / REPORT_JSON).exists() and not overwrite:
-        raise OutputError(out / REPORT_JSON, "already exists (use --overwrite to replace it)")
+    check_output_folder(out, overwrite, inputs=[*images, *labels])
 
 
 def _evaluate_image(model: CytoClip, image: Path, label_path: Path, pixel_size: float | None, ignore: tuple,
@@ -214,19 +212,16 @@ def _ranking_scores(similarity: np.ndarray, tile_labels: np.ndarray, label: int)
     return out
 
 
-def _write_report(report: dict, cm: np.ndarray, model: CytoClip, out: Path) -> None:
+def _write_report(report: dict, cm: np.ndarray, model: CytoClip, out: Path, overwrite: bool) -> None:
     from .metrics import plot_confusion, plot_f1_bars
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(out, f"cannot create the report folder ({exc.strerror})") from None
     ids, names = _plot_classes(cm, report["class_ids"], model)
-    atomic_write_with(out / CONFUSION_PNG, lambda tmp: plot_confusion(cm[np.ix_(ids, ids)], ids, names, tmp))
     scores = {"per_class": {int(k): v for k, v in report["per_region"].items()}, "macro_f1": report["macro_f1"]}
-    atomic_write_with(out / F1_PNG, lambda tmp: plot_f1_bars(scores, report["class_names"], tmp))
     report["files"] = {"report": REPORT_JSON, "confusion": CONFUSION_PNG, "f1_per_region": F1_PNG}
-    atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=1, default=_plain))
+    with new_output_folder(out, overwrite=overwrite, kind="report") as tmp:
+        atomic_write_with(tmp / CONFUSION_PNG, lambda p: plot_confusion(cm[np.ix_(ids, ids)], ids, names, p))
+        atomic_write_with(tmp / F1_PNG, lambda p: plot_f1_bars(scores, report["class_names"], p))
+        atomic_write_text(tmp / REPORT_JSON, json.dumps(report, indent=1, default=_plain))
 
 
 def _plot_classes(cm: np.ndarray, class_ids: list[int], model: CytoClip) -> tuple[list[int], list[str]]:

@@ -3,11 +3,13 @@
 An export folder accumulates: ``pairs/`` (a pair folder, content addressed, so exporting twice
 adds only new pairs), and the latest ``labels.tif``, ``annotations.geojson``, ``regions.csv``
 (and optionally ``labels_fullres.tif``), each rewritten atomically; ``export.json`` logs every
-export and marks the folder as ours, so files in a foreign folder are never overwritten.
+export. The folder's marker (:data:`io_utils.MARKER`) lists the files exports wrote with their
+digests: a file is replaced only while it is listed and unchanged, so a user's file is never overwritten.
 """
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +21,10 @@ from .bundle import ModelBundle, Region, write_regions_csv
 from .cache import jsonable
 from .errors import CacheMismatch, Cancelled, CytoclipError, OutputError
 from .grid import TileGrid
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, owned, read_marker, read_regular_bytes, recording
 from .outputs import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV, now_iso, write_fullres_labels,
                       write_geojson_labels, write_grid_tiff)
-from .pairs import Pair, write_pairs
+from .pairs import PAIRS_CSV, PAIRS_JSONL, Pair, write_pairs
 from .predict import Prediction
 from .sections import Section
 
@@ -30,6 +32,10 @@ PAIRS_DIR = "pairs"
 EXPORT_JSON = "export.json"
 EXPORT_FORMAT = "napari-cytoclip-export"
 READ_BATCH = 256
+EXPORT_KIND = "export"
+# the files an export replaces: each only while the folder's marker lists it, unchanged
+EXPORT_FILES = (LABELS_TIF, GEOJSON, REGIONS_CSV, LABELS_FULLRES_TIF, EXPORT_JSON,
+                f"{PAIRS_DIR}/{PAIRS_CSV}", f"{PAIRS_DIR}/{PAIRS_JSONL}")
 
 
 @dataclass
@@ -68,12 +74,13 @@ def export_corrections(section: Section, prediction: Prediction, edited_labels: 
 
     cells = np.argwhere(corrected | reviewed).astype(np.int64)
     base = _base_record(section, prediction, bundle, source)
-    added, existing = write_pairs(out_dir / PAIRS_DIR, _pairs(section, prediction, bundle, edited, cells,
-                                                              corrected, by_id, base, stop), root=out_dir)
-    files = _write_annotations(out_dir, section, grid, edited, regions, source, prediction, full_resolution)
-    files["pairs"] = out_dir / PAIRS_DIR
-    result = ExportResult(out_dir, added, existing, int(corrected.sum()), int(reviewed.sum()), files)
-    _log_export(out_dir, result, source, base["time"])
+    with recording(out_dir, EXPORT_KIND, EXPORT_FILES):
+        added, existing = write_pairs(out_dir / PAIRS_DIR, _pairs(section, prediction, bundle, edited, cells,
+                                                                  corrected, by_id, base, stop), root=out_dir)
+        files = _write_annotations(out_dir, section, grid, edited, regions, source, prediction, full_resolution)
+        files["pairs"] = out_dir / PAIRS_DIR
+        result = ExportResult(out_dir, added, existing, int(corrected.sum()), int(reviewed.sum()), files)
+        _log_export(out_dir, result, source, base["time"])
     return result
 
 
@@ -125,12 +132,23 @@ def _check_section(section: Section, prediction: Prediction, source: str) -> Non
 
 
 def _check_export_folder(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
+    """Refuse a folder where the export would replace a file that no earlier export wrote, unchanged."""
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise OutputError(out_dir, "exists and is not a folder")
-    ours = (out_dir / EXPORT_JSON).is_file()
-    clash = [n for n in (LABELS_TIF, GEOJSON, REGIONS_CSV, LABELS_FULLRES_TIF) if (out_dir / n).exists()]
-    if clash and not ours:
-        raise OutputError(out_dir, f"holds {', '.join(clash)} not written by an export; choose another folder")
+    if not out_dir.is_dir():
+        return
+    marker = read_marker(out_dir)
+    if marker is not None and marker["kind"] != EXPORT_KIND:
+        raise OutputError(out_dir, f"is a napari-cytoclip {marker['kind']} folder, not an export folder; "
+                                   "choose another folder")
+    if marker is None:  # not an export folder: none of the names an export writes may be there
+        names = [n for n in EXPORT_FILES if "/" not in n] + [f"{PAIRS_DIR}/"]
+        foreign = [n for n in names if os.path.lexists(out_dir / n.rstrip("/"))]
+    else:
+        foreign = [n for n in EXPORT_FILES if os.path.lexists(out_dir / n) and not owned(out_dir, n, EXPORT_KIND)]
+    if foreign:
+        raise OutputError(out_dir, f"holds {', '.join(foreign)} not written by an export of napari-cytoclip "
+                                   "(or changed since); an export never replaces them: choose another folder")
 
 
 def _base_record(section: Section, prediction: Prediction, bundle: ModelBundle, source: str) -> dict:
@@ -191,8 +209,8 @@ def _write_annotations(out_dir: Path, section: Section, grid: TileGrid, edited: 
 def _log_export(out_dir: Path, result: ExportResult, source: str, time: str) -> None:
     path = out_dir / EXPORT_JSON
     try:
-        log = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except ValueError:
+        log = json.loads(read_regular_bytes(path)) if os.path.lexists(path) else {}
+    except (ValueError, RecursionError):
         log = {}
     exports = log.get("exports", []) if isinstance(log, dict) else []
     exports.append({"time": time, "source": source, "pairs_added": result.pairs_added,

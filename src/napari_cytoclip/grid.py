@@ -5,6 +5,21 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import SectionError
+
+MAX_GRID_CELLS = 4_000_000  # 2000 x 2000 cells: 100 um cells over 20 x 20 cm, 10 um cells over 2 x 2 cm
+NOMINAL_TILES_PER_S = 150.0  # the shipped model on a laptop CPU; only used to say how long a refused plan would take
+
+
+class PlanTooLarge(SectionError):
+    """A run would plan more work or memory than any sane section needs (a wrong pixel size or stride)."""
+
+
+def hours_text(tiles: float) -> str:
+    """``about N h`` (or min) for ``tiles`` at :data:`NOMINAL_TILES_PER_S`."""
+    seconds = tiles / NOMINAL_TILES_PER_S
+    return f"about {seconds / 3600:,.0f} h" if seconds >= 5400 else f"about {max(seconds / 60, 1):,.0f} min"
+
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -20,15 +35,24 @@ class TileGrid:
     pixel_size_um: float
 
     @classmethod
-    def covering(cls, image_shape: tuple[int, int], pixel_size_um: float, stride_um: float) -> "TileGrid":
-        """The grid of ``stride_um`` cells centred on an image of ``image_shape`` pixels."""
+    def covering(cls, image_shape: tuple[int, int], pixel_size_um: float, stride_um: float,
+                 source: str | None = None, max_cells: int = MAX_GRID_CELLS) -> "TileGrid":
+        """The grid of ``stride_um`` cells centred on an image of ``image_shape`` pixels.
+
+        Raises :class:`PlanTooLarge` (naming ``source``) for more than ``max_cells`` cells.
+        """
         if not (pixel_size_um > 0 and np.isfinite(pixel_size_um)):
             raise ValueError(f"pixel size must be a positive number of micrometres, got {pixel_size_um}")
         if not (stride_um > 0 and np.isfinite(stride_um)):
             raise ValueError(f"stride must be a positive number of micrometres, got {stride_um}")
         step = stride_um / pixel_size_um
         h, w = image_shape
-        rows, cols = max(1, int(np.ceil(h / step))), max(1, int(np.ceil(w / step)))
+        rows, cols = (max(1, int(np.ceil(n / step - 1e-9))) for n in (h, w))  # 5 / (1 / 49) is 245.00000000000003
+        if rows * cols > max_cells:
+            raise PlanTooLarge(source, f"a {stride_um:g} um grid on {h} x {w} px at {pixel_size_um:g} um/px has "
+                                       f"{rows * cols:,} cells ({rows:,} x {cols:,}), over the limit of "
+                                       f"{max_cells:,} (MAX_GRID_CELLS; {hours_text(rows * cols)} of work); "
+                                       "check the pixel size and the stride")
         # centre the grid on the image so both borders lose the same margin
         oy = (h - rows * step) / 2 + step / 2 - 0.5
         ox = (w - cols * step) / 2 + step / 2 - 0.5

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -10,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, default_bundle_path, load_bundle,
-                     load_regions_csv, resolve_text_tower)
+from .bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, check_architecture, default_bundle_path,
+                     load_bundle, load_regions_csv, resolve_text_tower)
 from .cputhreads import cpu_threads
 from .errors import BundleError
 
@@ -56,16 +55,18 @@ def build_open_clip(bundle: ModelBundle, load_text_weights: bool = True):
     """The open_clip model and tokenizer a bundle names, with random or package text weights."""
     import open_clip
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     _quiet_libraries()
     source = bundle.path or bundle.name
     arch = bundle.architecture
     try:
         if "config" in arch:
             cfg = json.loads(json.dumps(arch["config"]))
+            check_architecture({"config": cfg}, source)
+            if isinstance(cfg.get("vision_cfg"), dict):
+                cfg["vision_cfg"]["timm_model_pretrained"] = False  # timm would download ImageNet weights
             text_dir = resolve_text_tower(bundle.text_tower, source)
             if text_dir is not None:
+                _probe_text_config(text_dir, source)
                 cfg.setdefault("text_cfg", {})["hf_model_name"] = str(text_dir)
                 cfg["text_cfg"]["hf_tokenizer_name"] = str(text_dir)
             with tempfile.TemporaryDirectory() as tmp:
@@ -74,11 +75,16 @@ def build_open_clip(bundle: ModelBundle, load_text_weights: bool = True):
                                                pretrained_text=load_text_weights and text_dir is not None,
                                                pretrained_image=False)
                 tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}") if text_dir is None else \
-                    open_clip.tokenizer.HFTokenizer(str(text_dir), context_length=cfg["text_cfg"].get("context_length", 77))
+                    open_clip.tokenizer.HFTokenizer(str(text_dir), trust_remote_code=False, local_files_only=True,
+                                                    context_length=cfg["text_cfg"].get("context_length", 77))
         else:
             name = arch["name"]
             if name not in open_clip.list_models():
                 raise BundleError(source, f"unknown open_clip architecture {name!r}")
+            named_text = (open_clip.get_model_config(name) or {}).get("text_cfg") or {}
+            if named_text.get("hf_model_name") or named_text.get("hf_tokenizer_name"):
+                raise BundleError(source, f"open_clip architecture {name!r} takes its text tower from the Hugging "
+                                          "Face hub; name its config with a 'text_tower' package instead")
             model = open_clip.create_model(name, pretrained=None, load_weights=False,
                                            pretrained_text=False, pretrained_image=False)
             tokenizer = open_clip.get_tokenizer(name)
@@ -87,6 +93,17 @@ def build_open_clip(bundle: ModelBundle, load_text_weights: bool = True):
     except Exception as exc:
         raise BundleError(source, f"cannot build the architecture ({type(exc).__name__}: {exc})") from None
     return model, tokenizer
+
+
+def _probe_text_config(text_dir: Path, source: Any) -> None:
+    """Read the text tower's config from its folder only, refusing custom code (``trust_remote_code=False``)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(text_dir), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        raise BundleError(source, f"the text tower in {text_dir} cannot be read without running its code "
+                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
 
 
 def _quiet_libraries() -> None:
@@ -169,6 +186,10 @@ class CytoClip:
                 self.image_dtype = torch.bfloat16
         with torch.no_grad():
             self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())
+        if not 0.01 <= self.logit_scale <= 100:  # NaN fails too
+            raise BundleError(bundle.weights_path or bundle.path or bundle.name,
+                              f"the logit scale {self.logit_scale:g} is out of the sane range 0.01-100; "
+                              "the weights are damaged")
 
     @property
     def input(self) -> InputSpec:

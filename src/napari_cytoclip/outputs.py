@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shlex
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +31,8 @@ REGIONS_CSV = "regions.csv"
 GEOJSON = "annotations.geojson"
 CACHE_DIR = "cache"
 FULLRES_TILE = 512
+RESULTS_KIND = "prediction"
+SUMMARY_REGIONS = 5
 
 
 def now_iso() -> str:
@@ -125,7 +128,8 @@ def prediction_summary(prediction: Prediction, section: Section) -> dict:
         "tile": {"size_px": spec.get("size"), "scales_um": spec.get("scales_um"), "mode": spec.get("mode"),
                  "polarity": spec.get("polarity")},
         "polarity": prediction.polarity,
-        "model": {"name": prediction.model_name, "hash": prediction.signature.get("model")},
+        "model": {"name": prediction.model_name, "hash": prediction.signature.get("model"),
+                  "path": prediction.model_path or None},
         "logit_scale": prediction.logit_scale, "complete": prediction.complete,
         "regions": [r.to_dict() for r in prediction.regions],
         "tile_counts": prediction.tile_counts(), "timings": prediction.timings,
@@ -142,7 +146,7 @@ def write_prediction_folder(prediction: Prediction, section: Section, out_dir: s
     out_dir = Path(out_dir)
     grid = prediction.grid
     summary = prediction_summary(prediction, section)
-    with new_output_folder(out_dir, overwrite=overwrite) as tmp:
+    with new_output_folder(out_dir, overwrite=overwrite, kind=RESULTS_KIND) as tmp:
         write_grid_tiff(tmp / LABELS_TIF, np.asarray(prediction.labels, np.uint16), grid)
         write_grid_tiff(tmp / CONFIDENCE_TIF, np.asarray(prediction.confidence, np.float32), grid)
         write_regions_csv(prediction.regions, tmp / REGIONS_CSV)
@@ -154,6 +158,33 @@ def write_prediction_folder(prediction: Prediction, section: Section, out_dir: s
             summary["files"]["labels_fullres"] = LABELS_FULLRES_TIF
         atomic_write_text(tmp / PREDICTION_JSON, json.dumps(summary, indent=1, default=str))
     return out_dir
+
+
+def results_summary(folder: str | Path, seconds: float | None = None) -> str:
+    """What a results folder found, for people: tiles, top regions and their shares, time, how to open it."""
+    import tifffile
+
+    folder = Path(folder)
+    summary = json.loads((folder / PREDICTION_JSON).read_text(encoding="utf-8"))
+    labels = np.asarray(tifffile.imread(folder / LABELS_TIF))
+    names = {int(r["id"]): r.get("name") or str(r["id"]) for r in summary.get("regions", [])}
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    total = int(counts.sum())
+    shares = [f"{names.get(int(ids[i]), str(int(ids[i])))} {100 * counts[i] / total:.0f}%"
+              for i in order[:SUMMARY_REGIONS]]
+    if len(order) > SUMMARY_REGIONS:
+        shares.append(f"{len(order) - SUMMARY_REGIONS} more")
+    tiles = summary.get("tile_counts", {})
+    if seconds is None:
+        seconds = summary.get("timings", {}).get("total_s")
+    took = f", predicted in {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+    grid = summary.get("grid", {}).get("shape", list(labels.shape))
+    lines = [f"  {tiles.get('encoded', total)} tiles with tissue of {tiles.get('grid_cells', labels.size)} grid "
+             f"cells ({grid[0]} x {grid[1]}, every {summary.get('stride_um', 0):g} um){took}",
+             f"  {len(ids)} regions: " + (", ".join(shares) if shares else "none (no tissue found)"),
+             f"  open it in napari: napari --plugin napari-cytoclip {shlex.quote(str(folder))}"]
+    return "\n".join(lines)
 
 
 def read_grid_metadata(path: str | Path) -> dict:

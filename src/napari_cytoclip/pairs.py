@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -18,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import CytoclipError, OutputError
-from .io_utils import atomic_write_bytes, inside
+from .io_utils import atomic_write_bytes, inside, read_regular_bytes
 
 PAIRS_CSV = "pairs.csv"
 PAIRS_JSONL = "pairs.jsonl"
@@ -50,10 +51,10 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def existing_names(folder: Path) -> set[str]:
     csv_path = folder / PAIRS_CSV
-    if not csv_path.is_file():
+    if not os.path.lexists(csv_path):
         return set()
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        return {Path(row["filepath"]).stem for row in csv.DictReader(f)}
+    text = read_regular_bytes(csv_path).decode("utf-8", errors="replace")
+    return {Path(row.get("filepath") or "").stem for row in csv.DictReader(io.StringIO(text, newline=""))}
 
 
 def write_pairs(folder: str | Path, pairs: Iterable[Pair], root: str | Path | None = None) -> tuple[int, int]:
@@ -82,7 +83,7 @@ def write_pairs(folder: str | Path, pairs: Iterable[Pair], root: str | Path | No
             skipped += 1
             continue
         rel = f"{TILES_DIR}/{name}.png"
-        atomic_write_bytes(inside(root, folder / rel), encode_png(pair.image))
+        _write_tile(inside(root, folder / rel), encode_png(pair.image))
         known.add(name)
         rows.append((rel, pair.caption))
         records.append({"filepath": rel, "caption": pair.caption, **pair.record})
@@ -110,42 +111,101 @@ def _csv_text(rows, header: bool) -> str:
     return buf.getvalue()
 
 
+def _write_tile(path: Path, data: bytes) -> None:
+    """A tile left by an interrupted export is reused; a different file of that name is never replaced."""
+    if os.path.lexists(path):
+        try:
+            same = stat.S_ISREG(path.lstat().st_mode) and read_regular_bytes(path) == data
+        except (OSError, CytoclipError):
+            same = False
+        if not same:
+            raise OutputError(path, "exists and is not the tile an export wrote; refusing to replace it")
+        return
+    atomic_write_bytes(path, data)
+
+
 def _append_text(path: Path, text: str) -> None:
-    old = path.read_bytes() if path.exists() else b""
+    old = read_regular_bytes(path) if os.path.lexists(path) else b""
     atomic_write_bytes(path, old + text.encode("utf-8"))
 
 
 def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[dict]]:
-    """Files, captions and provenance records (``{}`` where the JSONL has none) of a pair folder."""
+    """Files, captions and provenance records (``{}`` where the JSONL has none) of a pair folder.
+
+    Every file named (and the CSV and JSONL themselves) must be a regular file inside ``folder``
+    after resolving symlinks; anything else is one error naming ``pairs.csv`` and the row.
+    """
     folder = Path(folder)
     csv_path = folder / PAIRS_CSV
-    if not csv_path.is_file():
+    if not os.path.lexists(csv_path):
         raise CytoclipError(folder, f"not a pair folder: {PAIRS_CSV} is missing")
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"filepath", "caption"} <= set(reader.fieldnames):
-                raise CytoclipError(csv_path, "needs the columns 'filepath' and 'caption'")
-            rows = list(reader)
+        text = _read_inside(folder, csv_path).decode("utf-8")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or not {"filepath", "caption"} <= set(reader.fieldnames):
+            raise CytoclipError(csv_path, "needs the columns 'filepath' and 'caption'")
+        rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CytoclipError(csv_path, f"malformed CSV ({exc})") from None
     records: dict[str, dict] = {}
     jsonl = folder / PAIRS_JSONL
-    if jsonl.is_file():
-        for i, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+    if os.path.lexists(jsonl):
+        lines = _read_inside(folder, jsonl).decode("utf-8", errors="replace").splitlines()
+        for i, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     raise CytoclipError(jsonl, f"line {i} is not JSON") from None
-                records[rec.get("filepath", "")] = rec
-    files, captions, recs = [], [], []
-    for row in rows:
-        path = inside(folder, folder / row["filepath"]) if not os.path.isabs(row["filepath"]) else Path(row["filepath"])
-        files.append(path)
-        captions.append(row["caption"])
-        recs.append(records.get(row["filepath"], {}))
+                if isinstance(rec, dict):
+                    records[str(rec.get("filepath", ""))] = rec
+    files, captions, recs, real_dirs = [], [], [], {}
+    for i, row in enumerate(rows, 1):
+        name = row.get("filepath") or ""
+        files.append(_pair_file(folder, csv_path, i, name, real_dirs))
+        captions.append(row["caption"] or "")
+        recs.append(records.get(name, {}))
     return files, captions, recs
+
+
+def _pair_file(folder: Path, csv_path: Path, row: int, name: str, real_dirs: dict[str, str]) -> Path:
+    """The resolved file a pairs.csv row names: relative, inside ``folder`` and a regular file.
+
+    ``real_dirs`` caches resolved parent folders, so a large pair folder resolves each folder once.
+    """
+    def bad(problem: str) -> CytoclipError:
+        return CytoclipError(csv_path, f"row {row}: {name!r} {problem}")
+
+    if not name or os.path.isabs(name) or "\0" in name:
+        raise bad("is not a path relative to the pair folder" if name else "names no file")
+    if "" not in real_dirs:
+        real_dirs[""] = os.path.realpath(folder)
+    root = real_dirs[""]
+    parent, base = os.path.split(os.path.join(folder, name))
+    if parent not in real_dirs:
+        real_dirs[parent] = os.path.realpath(parent)
+    path = os.path.join(real_dirs[parent], base)
+    try:
+        if base in ("", ".", "..") or stat.S_ISLNK(os.lstat(path).st_mode):
+            path = os.path.realpath(path)
+    except OSError:
+        pass  # missing: reported below, once the path is known to be inside
+    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
+        raise bad(f"points outside the pair folder {folder}")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise bad(f"cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise bad("is not a regular file (a FIFO, device or folder is never opened)")
+    return Path(path)
+
+
+def _read_inside(folder: Path, path: Path) -> bytes:
+    root = folder.resolve()
+    if root not in path.resolve().parents:
+        raise CytoclipError(path, f"points outside the pair folder {folder}")
+    return read_regular_bytes(path)
 
 
 def load_pair_images(files: list[Path], size: int) -> np.ndarray:
@@ -156,7 +216,7 @@ def load_pair_images(files: list[Path], size: int) -> np.ndarray:
 
     def load(path: Path) -> np.ndarray:
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(read_regular_bytes(path))) as im:  # never blocks on a FIFO
                 arr = np.asarray(im.convert("RGB"))
         except (OSError, ValueError) as exc:
             raise CytoclipError(path, f"unreadable pair image ({exc})") from None

@@ -5,6 +5,7 @@ import math
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Iterator
 
@@ -20,6 +21,7 @@ from .tissue import TissueMask, tissue_mask
 from .windows import WindowReader
 
 MIN_TISSUE_FRACTION = 0.25
+MAX_PLAN_BYTES = 16 * 2 ** 30  # a run planning more memory than this is refused before any work
 DECODE_ROWS = 65536  # embeddings turned into probabilities at a time (16 MB of float32 at 256-d)
 
 
@@ -41,6 +43,7 @@ class Prediction:
     model_name: str = ""
     timings: dict = field(default_factory=dict)
     complete: bool = True
+    model_path: str = ""              # the bundle folder that made it (recorded in prediction.json)
 
     def decode(self, region_embeddings: np.ndarray, regions: list[Region] | None = None) -> "Prediction":
         """Labels and confidence for a (new) vocabulary, from the cached embeddings alone."""
@@ -81,26 +84,87 @@ def decode_labels(cells, embeddings, region_embeddings, region_ids, grid, label_
     return labels_from_index(index, region_ids), conf
 
 
+class NoTissueWarning(UserWarning):
+    """A section has no tissue on its grid: the result is empty."""
+
+
 def plan_grid(section: Section, model: CytoClip, stride_um: float | None = None,
-              mask: TissueMask | None = None) -> tuple[TileGrid, np.ndarray, TissueMask]:
+              mask: TissueMask | None = None, batch_size: int = 64,
+              polarity: str | None = None) -> tuple[TileGrid, np.ndarray, TissueMask]:
     """The grid for a section and the tissue cells on it (row-major order).
 
-    Raises :class:`SectionError` for an image smaller than one grid cell (either side).
+    ``stride_um`` None means the model's; any other value must be a positive number.
+    Raises :class:`SectionError` for an image smaller than one grid cell (either side) and
+    :class:`~napari_cytoclip.grid.PlanTooLarge` before any work when the run would be absurd
+    (see :func:`check_plan`); warns (:class:`NoTissueWarning`) when no cell holds tissue.
     """
-    stride = float(stride_um or model.bundle.stride_um)
-    grid = TileGrid.covering(section.shape, section.require_pixel_size(), stride)
+    source = section.source or section.name
+    stride = float(model.bundle.stride_um if stride_um is None else stride_um)
+    if not (math.isfinite(stride) and stride > 0):
+        raise ValueError(f"the stride must be a positive number of micrometres, got {stride_um!r}")
+    grid = TileGrid.covering(section.shape, section.require_pixel_size(), stride, source=source)
     if min(section.shape) < grid.step - 1e-6:
         h, w = section.shape
-        raise SectionError(section.source or section.name,
+        raise SectionError(source,
                            f"the image ({h} x {w} px) is too small: each side must span at least one grid cell "
                            f"of {stride:g} um, i.e. {math.ceil(grid.step - 1e-9)} px at {grid.pixel_size_um:g} um/px")
-    mask = mask or tissue_mask(section)
+    check_plan(section, model, grid, batch_size)
+    mask = mask or tissue_mask(section, polarity)
     centers = grid.centers()
     frac = mask.fraction_in_cells(centers, grid.step)
     rr, cc = np.indices(grid.shape)
     keep = frac.reshape(grid.shape) >= MIN_TISSUE_FRACTION
     cells = np.stack([rr[keep], cc[keep]], 1).astype(np.int32)
+    if len(cells) == 0:
+        warnings.warn(f"{source}: no tissue found on the {grid.shape[0]} x {grid.shape[1]} grid; the result is empty "
+                      "(check the image and its polarity)", NoTissueWarning, stacklevel=2)
     return grid, cells, mask
+
+
+def estimate_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size: int = 64,
+                  cells: int | None = None) -> dict:
+    """Cells, peak memory (bytes) and CPU time (s, at a nominal rate) of a run, before any work.
+
+    ``cells``: tiles to encode (default: every grid cell, an upper bound). Memory counts the
+    windows of one batch at every scale (the crops are cut from the pyramid level the reader
+    uses, at full size even outside the image), the embeddings, probabilities and voting arrays.
+    """
+    from .grid import NOMINAL_TILES_PER_S
+
+    bundle = model.bundle
+    n_grid = int(np.prod(grid.shape))
+    n = n_grid if cells is None else int(cells)
+    k = len(bundle.regions)
+    dim = getattr(model, "_dim", None) or int((bundle.architecture.get("config") or {}).get("embed_dim", 1024))
+    reader = WindowReader(section, bundle.input, bundle.input.polarity)
+    read_ch = 3 if section.is_rgb else 1
+    model_ch = 3 if bundle.input.mode == "rgb" else 1
+    b = max(1, min(int(batch_size), n))
+    windows = sum(4 * crop * crop * (read_ch + b * model_ch) for _, _, crop in reader.plans)
+    voting = n_grid * (4 * k + 16)
+    per_tile = n * (2 * dim + 4 * k)
+    return {"cells": n_grid, "tiles": n, "bytes": int(windows + voting + per_tile), "window_bytes": int(windows),
+            "seconds": n / NOMINAL_TILES_PER_S}
+
+
+def check_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size: int = 64,
+               max_bytes: int | None = None) -> dict:
+    """Refuse (:class:`~napari_cytoclip.grid.PlanTooLarge`, one line naming the section) a run whose
+    estimated memory is over :data:`MAX_PLAN_BYTES`; returns the estimate."""
+    from .grid import PlanTooLarge, hours_text
+
+    max_bytes = MAX_PLAN_BYTES if max_bytes is None else max_bytes
+    est = estimate_plan(section, model, grid, batch_size)
+    if est["bytes"] > max_bytes:
+        gib = 2 ** 30
+        hint = ("the windows of one batch alone take "
+                f"{est['window_bytes'] / gib:,.1f} GiB (check the pixel size, use a smaller --batch-size or a "
+                "pyramidal TIFF)") if est["window_bytes"] > max_bytes / 2 else "check the pixel size and the stride"
+        raise PlanTooLarge(section.source or section.name,
+                           f"the run would need about {est['bytes'] / gib:,.1f} GiB of memory for "
+                           f"{est['cells']:,} grid cells ({hours_text(est['tiles'])} of work), over the limit of "
+                           f"{max_bytes / gib:,.0f} GiB (MAX_PLAN_BYTES); {hint}")
+    return est
 
 
 def signature(section: Section, model: CytoClip, grid: TileGrid) -> dict:
@@ -150,8 +214,7 @@ def predict_iter(section: Section, model: CytoClip, *, stride_um: float | None =
     Closing the generator early (cancel) stops reading and encoding at the next batch.
     """
     t0 = time.perf_counter()
-    mask = tissue_mask(section, polarity)
-    grid, tissue_cells, _ = plan_grid(section, model, stride_um, mask)
+    grid, tissue_cells, mask = plan_grid(section, model, stride_um, batch_size=batch_size, polarity=polarity)
     cells = tissue_cells if cells is None else np.asarray(cells, np.int32).reshape(-1, 2)
     t_plan = time.perf_counter() - t0
     reader = WindowReader(section, model.input, mask.polarity)
@@ -173,7 +236,7 @@ def predict_iter(section: Section, model: CytoClip, *, stride_um: float | None =
     return Prediction(grid=grid, cells=cells, embeddings=emb, regions=list(model.regions), labels=labels,
                       confidence=conf, signature=signature(section, model, grid), label_um=model.bundle.label_um,
                       logit_scale=model.logit_scale, polarity=mask.polarity, source=section.source or section.name,
-                      model_name=model.bundle.name,
+                      model_name=model.bundle.name, model_path=str(model.bundle.path or ""),
                       timings={"plan_s": t_plan, "encode_s": t_encode, "total_s": total,
                                "tiles_per_s": len(cells) / total if total else 0.0})
 
@@ -196,7 +259,25 @@ def predict_section(section: Section, model: CytoClip, *, stride_um: float | Non
 
 
 def check_signature(prediction: Prediction, expected: dict, source: str = "") -> None:
-    """Refuse cached embeddings made for another section, model or grid."""
+    """Refuse cached embeddings made for another section, model or grid: the stored signature and
+    the grid the prediction actually uses must both match ``expected``."""
     for key in ("section", "model", "grid", "input"):
         if prediction.signature.get(key) != expected.get(key):
             raise CacheMismatch(source, f"the cached embeddings belong to another {key}; predict again")
+    check_grid(prediction.grid, expected.get("grid"), source)
+
+
+def check_grid(grid: TileGrid, expected: dict | None, source: str = "") -> None:
+    """Refuse a prediction whose grid (origin, step, shape, pixel size) is not ``expected`` (a
+    :meth:`TileGrid.to_dict`): labels would be placed, and pairs cut, away from where they belong."""
+    try:
+        want = TileGrid.from_dict(expected)
+        same = tuple(grid.shape) == tuple(want.shape) and np.allclose(
+            [*grid.origin, grid.step, grid.pixel_size_um], [*want.origin, want.step, want.pixel_size_um],
+            rtol=1e-9, atol=1e-6)
+    except (KeyError, TypeError, ValueError):
+        same = False
+    if not same:
+        raise CacheMismatch(source, f"the prediction's grid (origin {list(grid.origin)}, step {grid.step:g} px, "
+                                    f"shape {list(grid.shape)}) is not the grid of this section and stride; "
+                                    "it was edited or belongs to another image: predict again")

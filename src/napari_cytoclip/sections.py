@@ -17,6 +17,8 @@ PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MAX_PIL_PIXELS = 30_000 * 30_000  # a PNG/JPEG larger than this should be a pyramidal TIFF
 PLAUSIBLE_PIXEL_UM = (0.05, 500.0)
 MIN_PIXEL_UM = 0.01  # 10 nm: far below the resolution of any light microscope
+SCREEN_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)  # defaults of image software, not a microscope's pixel size
+MAX_THUMBNAIL_DECODE_BYTES = 4 * 2 ** 30  # most pixel data decoded to build the low-resolution view
 
 
 class PixelSizeWarning(UserWarning):
@@ -154,9 +156,20 @@ class Section:
         return len(self.levels) - 1
 
     def thumbnail_raw(self, max_side: int = 1024) -> np.ndarray:
-        """A small raw-valued view of the section, strided down from the best level."""
+        """A small raw-valued view of the section, strided down from the best level.
+
+        A lazily decoded level is read whole, so one larger than :data:`MAX_THUMBNAIL_DECODE_BYTES`
+        (a huge image without pyramid, or a header claiming far more pixels than the file holds) is refused.
+        """
         level = self.thumbnail_level(max_side)
         arr = self.levels[level]
+        nbytes = float(np.prod([float(n) for n in arr.shape])) * np.dtype(arr.dtype).itemsize
+        if not isinstance(arr, np.ndarray) and nbytes > MAX_THUMBNAIL_DECODE_BYTES:
+            h, w = arr.shape[:2]
+            raise SectionError(self.source or self.name,
+                               f"its smallest pyramid level ({h} x {w} px) would decode {nbytes / 2 ** 30:,.1f} GiB "
+                               f"to build an overview, over the limit of {MAX_THUMBNAIL_DECODE_BYTES // 2 ** 30} GiB; "
+                               "the file is damaged, or save it as a pyramidal TIFF")
         stride = max(1, int(np.ceil(max(arr.shape[:2]) / max_side)))
         return self._pixels(arr, np.s_[::stride, ::stride])
 
@@ -272,7 +285,8 @@ def open_section(path: str | Path, pixel_size_um: float | None = None, plane: in
                 raise SectionError(path, f"{exc.problem}, as the file states it; give the right pixel size "
                                          "(--pixel-size / pixel_size_um=)") from None
         else:
-            warnings.warn(f"{path}: the file does not state its pixel size; give it in micrometres "
+            warnings.warn(f"{path}: the file does not state its pixel size (screen resolutions such as 72 dpi "
+                          "are ignored); give it in micrometres "
                           "(--pixel-size) or tiles will have the wrong physical size", PixelSizeWarning, stacklevel=2)
     except BaseException:
         section.close()
@@ -316,8 +330,8 @@ def _open_pil(path: Path, plane: int | None) -> tuple[Section, float | None]:
     if data.ndim == 3 and data.shape[2] == 2:
         data = data[..., 0]
     pixel_um = None
-    if dpi and path.suffix.lower() == ".png" and dpi[0] and abs(dpi[0] - 72) > 0.5 and abs(dpi[0] - 96) > 0.5:
-        pixel_um = 25400.0 / float(dpi[0])
+    if dpi and path.suffix.lower() == ".png" and dpi[0]:
+        pixel_um = _dpi_pixel_um(float(dpi[0]))
     return Section(name=path.stem, levels=[data], source=str(path)), pixel_um
 
 
@@ -461,9 +475,17 @@ def _tiff_pixel_size(tif: Any, series: Any) -> float | None:
         num, den = tags["XResolution"].value
         unit = int(tags["ResolutionUnit"].value)
         if num and unit in (2, 3):
-            per_unit = num / den
-            return (25400.0 if unit == 2 else 10000.0) / per_unit
+            per_inch = num / den * (2.54 if unit == 3 else 1.0)
+            return _dpi_pixel_um(per_inch)
     return None
+
+
+def _dpi_pixel_um(dpi: float) -> float | None:
+    """Micrometres per pixel from dots per inch; None for a screen resolution (:data:`SCREEN_DPI`),
+    which image software writes by default and says nothing about the microscope."""
+    if any(abs(dpi - d) <= 0.5 for d in SCREEN_DPI):
+        return None
+    return 25400.0 / dpi
 
 
 def open_sections(paths: Sequence[str | Path], pixel_size_um: float | None = None) -> list[Section]:

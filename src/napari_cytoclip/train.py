@@ -12,17 +12,21 @@ folders (pairs of the data the start model learnt from) are mixed into every bat
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .bundle import ModelBundle, Region, load_bundle, save_bundle, validate_regions
-from .errors import CytoclipError
+from .errors import CytoclipError, OutputError
+from .io_utils import atomic_write_text, atomic_write_with
 from .model import TEXT_TRUNK_PREFIX, build_open_clip, load_weights_into, pick_device, read_state_dict
 from .pairs import load_pair_images, read_pairs
 
@@ -55,47 +59,80 @@ class TrainData:
     sources: list[str] = field(default_factory=list)          # new pair folders, as recorded
     replay: np.ndarray | None = None  # bool per image: from a replay folder
     replay_sources: list[str] = field(default_factory=list)   # replay pair folders, as recorded
+    class_keys: list[tuple] = field(default_factory=list)     # ("id", region id) or ("caption", text) per class
+    folders: list[dict] = field(default_factory=list)         # per folder: label, pair count, content hash
+
+
+def _class_key(caption: str, record: dict, by_id: dict, by_name: dict) -> tuple:
+    """A pair's class: its region by id (else by name) in the bundle's vocabulary, else its caption."""
+    rid = record.get("corrected_label", record.get("region_id"))
+    try:
+        if rid is not None and int(rid) in by_id:
+            return ("id", int(rid))
+    except (TypeError, ValueError):
+        pass
+    name = record.get("region_name")
+    if isinstance(name, str) and name in by_name:
+        return ("id", by_name[name])
+    return ("caption", caption)
 
 
 def assemble(folders: list[str | Path], regions: list[Region], size: int,
-             replay_folders: list[str | Path] | None = None) -> TrainData:
-    """Pairs from folders (then replay folders), mapped to classes: known region ids first, then new captions."""
+             replay_folders: list[str | Path] | None = None, like: TrainData | None = None) -> TrainData:
+    """Pairs from folders (then replay folders), mapped to classes by region, never by folder order.
+
+    Classes are the bundle's regions that occur (in the bundle's order), then new captions (in order
+    of appearance). With ``like`` (the training data), its classes come first in its order, so that
+    validation targets index the classes the model is trained on; classes it lacks are appended.
+    """
     by_id = {r.id: r for r in regions}
-    files, captions, records, replay = [], [], [], []
+    by_name = {r.name: r.id for r in regions}
+    files, captions, records, replay, counts = [], [], [], [], []
     replay_folders = list(replay_folders or [])
     for i, folder in enumerate(list(folders) + replay_folders):
         f, c, r = read_pairs(folder)
         files += f
         captions += c
         records += r
+        counts.append(len(f))
         replay += [i >= len(folders)] * len(f)
     if not any(not r for r in replay):
         raise CytoclipError(", ".join(map(str, folders)), "no training pairs found")
+    keys = [_class_key(c, r, by_id, by_name) for c, r in zip(captions, records)]
+    order = [r.id for r in regions]
+    seen = dict.fromkeys(keys)
+    class_keys = list(like.class_keys) if like is not None else []
+    class_keys += sorted((k for k in seen if k[0] == "id" and k not in class_keys), key=lambda k: order.index(k[1]))
+    class_keys += [k for k in seen if k[0] == "caption" and k not in class_keys]
+    known = {k: r for k, r in zip(like.class_keys, like.regions)} if like is not None else {}
+    next_id = max([r.id for r in regions] + [r.id for r in known.values()] + [0]) + 1
     classes: list[Region] = []
-    index: dict = {}
+    for key in class_keys:
+        if key in known:
+            classes.append(known[key])
+        elif key[0] == "id":
+            classes.append(by_id[key[1]])
+        else:
+            classes.append(Region(next_id, key[1][:60], "", "#808080", key[1], (key[1],)))
+            next_id += 1
+    index = {k: i for i, k in enumerate(class_keys)}
+    targets = np.asarray([index[k] for k in keys], np.int64)
     extra_captions: dict[int, list[str]] = {}
-    next_id = max([r.id for r in regions] + [0]) + 1
-    targets = []
-    for cap, rec in zip(captions, records):
-        rid = rec.get("corrected_label", rec.get("region_id"))
-        key = ("id", int(rid)) if rid is not None and int(rid) in by_id else ("caption", cap)
-        if key not in index:
-            if key[0] == "id":
-                region = by_id[key[1]]
-            else:
-                region = Region(next_id, cap[:60], "", "#808080", cap, (cap,))
-                next_id += 1
-            index[key] = len(classes)
-            classes.append(region)
-        k = index[key]
-        targets.append(k)
+    for cap, k in zip(captions, targets.tolist()):
         extra_captions.setdefault(k, [])
         if cap not in extra_captions[k]:
             extra_captions[k].append(cap)
     texts = [list(dict.fromkeys(classes[k].texts() + extra_captions.get(k, []))) for k in range(len(classes))]
     images = load_pair_images(files, size)
-    return TrainData(images, np.asarray(targets, np.int64), classes, texts, [_folder_label(f) for f in folders],
-                     np.asarray(replay, bool), [_folder_label(f) for f in replay_folders])
+    info, start = [], 0
+    for i, (folder, n) in enumerate(zip(list(folders) + replay_folders, counts)):
+        h = hashlib.sha256(json.dumps([captions[start:start + n], [list(k) for k in keys[start:start + n]]]).encode())
+        h.update(images[start:start + n].tobytes())
+        info.append({"folder": _folder_label(folder), "n_pairs": n, "sha256": h.hexdigest()[:16],
+                     **({"replay": True} if i >= len(folders) else {})})
+        start += n
+    return TrainData(images, targets, classes, texts, [_folder_label(f) for f in folders],
+                     np.asarray(replay, bool), [_folder_label(f) for f in replay_folders], class_keys, info)
 
 
 def _folder_label(folder: str | Path) -> str:
@@ -160,8 +197,7 @@ def pooled_text_features(model, tokenizer, texts: list[str], cache: Path | None,
                 for t, f in zip(chunk, feats.float()):
                     known[t] = f.clone()
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(known, cache)
+            atomic_write_with(cache, lambda tmp: torch.save(known, tmp))
     return {t: known[t] for t in texts}
 
 
@@ -194,6 +230,11 @@ def _normalise(x, mean, std):
     return (x - mean) / std
 
 
+CKPT_MARKER = "cytoclip-train.json"   # written by train into its checkpoint folder: the folder is train's own
+CKPT_FILES = ("last.pt", "best.pt", "text_features.pt", "last.pt.tmp", "best.pt.tmp", CKPT_MARKER)
+_clock = time.perf_counter  # epoch timing (the time budget); one call at the start and one at the end of an epoch
+
+
 def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | ModelBundle,
           config: TrainConfig | None = None, val_folders: list[str | Path] | None = None,
           progress: Callable[[dict], None] | None = None, init_state: dict | None = None,
@@ -203,15 +244,19 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
     ``replay_folders`` (pairs the init model learnt from) are mixed into every batch,
     ``config.replay_ratio`` replay pairs per new pair, so that fine-tuning does not forget;
     an epoch is one pass over the new pairs. ``init_state`` replaces the init bundle's weights
-    (e.g. an ImageNet image tower for a new model). A checkpoint folder ``<out>.ckpt`` (the latest
-    epoch, plus the best one when validating) is kept until the bundle is written; rerunning resumes from it.
+    (e.g. an ImageNet image tower for a new model). A checkpoint folder ``<out>.ckpt`` (marked as
+    train's own by ``cytoclip-train.json``; the latest epoch, plus the best one when validating) is
+    kept until the bundle is written; rerunning resumes from it, with the same time budget and
+    learning-rate schedule. A ``<out>.ckpt`` without the marker is refused, never used or deleted.
     """
     import torch
 
-    config = config or TrainConfig()
+    config = replace(config or TrainConfig())
     out = Path(out)
     if out.exists():
         raise CytoclipError(out, "already exists; choose a new folder for the trained model")
+    ckpt_dir = out.with_name(out.name + ".ckpt")
+    _claim_checkpoint_folder(ckpt_dir, create=False)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     bundle = init if isinstance(init, ModelBundle) else load_bundle(init)
@@ -228,9 +273,10 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
     if config.replay_ratio < 0:
         raise ValueError(f"the replay ratio must be at least 0, got {config.replay_ratio}")
     data = assemble(pair_folders, bundle.regions, bundle.input.size, replay_folders)
-    val = assemble(val_folders, data.regions, bundle.input.size) if val_folders else None
+    val = assemble(val_folders, bundle.regions, bundle.input.size, like=data) if val_folders else None
     all_texts = sorted({t for texts in data.class_texts for t in texts})
-    cache = Path(config.text_features) if config.text_features else out.with_name(out.name + ".ckpt") / "text_features.pt"
+    _claim_checkpoint_folder(ckpt_dir, create=True)
+    cache = Path(config.text_features) if config.text_features else ckpt_dir / "text_features.pt"
     missing_ok = _text_weights_available(bundle)
     feats = pooled_text_features(model, tokenizer, all_texts, cache, allow_compute=missing_ok)
     text_feats = [torch.stack([feats[t] for t in texts]).to(device) for texts in data.class_texts]
@@ -250,23 +296,23 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
     n_new = int((~data.replay).sum())
     per_batch = _new_per_batch(data, config.batch_size, config.replay_ratio)
     steps_per_epoch = config.steps_per_epoch or max(1, n_new // per_batch)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = config.warmup_steps if config.warmup_steps is not None else warmup_for(total_steps)
-    ckpt_dir = out.with_name(out.name + ".ckpt")
-    start_epoch, best = _resume(ckpt_dir, model, opt)
+    run = _resume(ckpt_dir, model, opt, steps_per_epoch)
+    # a time budget fixes the number of epochs once, after the first epoch; a resumed run keeps that number
+    epochs = run["fitted_epochs"] if config.time_budget_s and run.get("fitted_epochs") else config.epochs
+    total_steps = steps_per_epoch * epochs
+    warmup = config.warmup_steps if config.warmup_steps is not None else warmup_for(steps_per_epoch * config.epochs)
     images = torch.from_numpy(data.images).to(device)
     mean = torch.tensor(bundle.input.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(bundle.input.std, device=device).view(1, 3, 1, 1)
     gen = torch.Generator().manual_seed(config.seed)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
-    history = best.get("history", []) if best else []
-    epoch = start_epoch
-    while epoch < config.epochs:
+    best, history = run["best"], run["history"]
+    epoch, global_step, elapsed = run["epoch"], run["global_step"], run["elapsed_s"]
+    while epoch < epochs:
         order = sample_order(data, steps_per_epoch, config.batch_size, config.replay_ratio, config.balance_power,
                              np.random.default_rng(config.seed + epoch))
-        t0, losses = time.perf_counter(), []
+        t0, losses = _clock(), []
         for step in range(steps_per_epoch):
-            global_step = epoch * steps_per_epoch + step
             lr = config.lr * min(1.0, (global_step + 1) / max(1, warmup)) * \
                 0.5 * (1 + math.cos(math.pi * global_step / max(1, total_steps)))
             for g in opt.param_groups:
@@ -285,27 +331,62 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            global_step += 1
             losses.append(float(loss.item()))
             if progress and (step % 20 == 0 or step == steps_per_epoch - 1):
-                progress({"epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": float(np.mean(losses[-20:]))})
-        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
+                progress({"epoch": epoch, "step": step, "steps": steps_per_epoch, "epochs": epochs,
+                          "global_step": global_step, "lr": lr, "loss": float(np.mean(losses[-20:]))})
+        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": _clock() - t0}
+        elapsed += metrics["seconds"]
         if val is not None:
             metrics.update(_validate(model, proj, text_feats, val, mean, std, device))
         history.append(metrics)
-        if config.time_budget_s and epoch == start_epoch == 0:
+        if config.time_budget_s and epoch == 0:
             fit = max(1, int(config.time_budget_s // max(metrics["seconds"], 1e-6)))
-            if fit < config.epochs:
-                config.epochs = fit
+            if fit < epochs:
+                epochs, run["fitted_epochs"] = fit, fit
                 total_steps = steps_per_epoch * fit
         if progress:
             progress({"epoch_done": metrics})
         is_best = val is None or not best or metrics.get("val_macro_f1", 0) >= best.get("val_macro_f1", -1)
         if is_best:
             best = {**metrics, "history": history}
-        _checkpoint(ckpt_dir, model, opt, epoch + 1, best, history, is_best and val is not None)
         epoch += 1
-    run = {"steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "new_per_batch": per_batch}
-    return _write_bundle(out, bundle, model, data, ckpt_dir, config, best, history, device, run)
+        _checkpoint(ckpt_dir, model, opt, {"epoch": epoch, "best": best, "history": history,
+                                           "global_step": global_step, "elapsed_s": elapsed,
+                                           "steps_per_epoch": steps_per_epoch,
+                                           "fitted_epochs": run.get("fitted_epochs")}, is_best and val is not None)
+    summary = {"steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "new_per_batch": per_batch,
+               "epochs_run": epoch, "steps": global_step, "total_steps": total_steps, "train_seconds": elapsed}
+    return _write_bundle(out, bundle, model, data, val, ckpt_dir, config, best, history, device, summary,
+                         init_state is not None)
+
+
+def _claim_checkpoint_folder(folder: Path, create: bool) -> None:
+    """Refuse a checkpoint folder that train did not make; with ``create``, make it with its marker."""
+    if folder.is_symlink() or (folder.exists() and not (folder / CKPT_MARKER).is_file()):
+        raise OutputError(folder, f"exists but is not a napari-cytoclip training checkpoint (no {CKPT_MARKER}); "
+                                  "move it away or choose another --out")
+    if create and not folder.exists():
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(folder, f"cannot create the checkpoint folder ({exc.strerror or exc})") from None
+        atomic_write_text(folder / CKPT_MARKER, json.dumps({"napari_cytoclip": "training checkpoint",
+                                                            "model": folder.name[:-len(".ckpt")]}) + "\n")
+
+
+def _remove_checkpoint_folder(folder: Path) -> None:
+    """Delete train's own files from its checkpoint folder, and the folder only when nothing else is left."""
+    if folder.is_symlink() or not (folder / CKPT_MARKER).is_file():
+        return
+    for path in (folder / name for name in CKPT_FILES):
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    try:
+        folder.rmdir()
+    except OSError:  # the user put something there: it stays, in its folder
+        pass
 
 
 def warmup_for(total_steps: int) -> int:
@@ -332,6 +413,8 @@ def _class_embeddings(proj, text_feats):
 
 
 def _validate(model, proj, text_feats, val: TrainData, mean, std, device) -> dict:
+    """Accuracy and macro-F1 over the validation regions; ``val`` indexes the training classes first
+    (see ``assemble(like=...)``), and its pairs of regions the model is not trained on count as errors."""
     import torch
 
     model.visual.eval()
@@ -362,19 +445,19 @@ def _own_state(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(TEXT_TRUNK_PREFIX)}
 
 
-def _checkpoint(folder: Path, model, opt, epoch: int, best: dict, history: list, save_best: bool) -> None:
-    """Overwrite ``last.pt`` (and ``best.pt`` when ``save_best``): at most two checkpoints on disk."""
+def _checkpoint(folder: Path, model, opt, state: dict, save_best: bool) -> None:
+    """Overwrite ``last.pt`` (and ``best.pt`` when ``save_best``): at most two checkpoints on disk.
+
+    ``state`` holds the epoch count, best epoch, history, global step, elapsed seconds and the
+    time-budget fit, so that a resumed run continues the same schedule and budget.
+    """
     import torch
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "last.pt.tmp"
-    torch.save({"model": _own_state(model), "opt": opt.state_dict(), "epoch": epoch,
-                "best": best, "history": history}, tmp)
-    tmp.replace(folder / "last.pt")
+    torch.save({"model": _own_state(model), "opt": opt.state_dict(), **state}, folder / "last.pt.tmp")
+    (folder / "last.pt.tmp").replace(folder / "last.pt")
     if save_best:
-        tmp = folder / "best.pt.tmp"
-        torch.save(_own_state(model), tmp)
-        tmp.replace(folder / "best.pt")
+        torch.save(_own_state(model), folder / "best.pt.tmp")
+        (folder / "best.pt.tmp").replace(folder / "best.pt")
 
 
 def _load_checkpoint(path: Path, what: str) -> dict:
@@ -392,17 +475,24 @@ def _load_checkpoint(path: Path, what: str) -> dict:
     return data
 
 
-def _resume(folder: Path, model, opt) -> tuple[int, dict]:
+def _resume(folder: Path, model, opt, steps_per_epoch: int) -> dict:
+    """Load ``last.pt`` into model and optimiser; returns where the run stands (a fresh start without one)."""
     last = folder / "last.pt"
     if not last.is_file():
-        return 0, {}
+        return {"epoch": 0, "global_step": 0, "elapsed_s": 0.0, "best": {}, "history": [], "fitted_epochs": None}
     ck = _load_checkpoint(last, "training checkpoint")
     try:
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
         if unexpected or any(not k.startswith(TEXT_TRUNK_PREFIX) for k in missing):
             raise ValueError(f"{len(missing)} missing and {len(unexpected)} unexpected weights")
+        if int(ck.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
+            raise ValueError(f"it has {ck['steps_per_epoch']} steps per epoch, this run {steps_per_epoch}")
         opt.load_state_dict(ck["opt"])
-        return int(ck["epoch"]), {**ck.get("best", {}), "history": ck.get("history", [])}
+        epoch, history = int(ck["epoch"]), list(ck.get("history", []))
+        return {"epoch": epoch, "global_step": int(ck.get("global_step", epoch * steps_per_epoch)),
+                "elapsed_s": float(ck.get("elapsed_s", sum(h.get("seconds", 0.0) for h in history))),
+                "best": {**ck.get("best", {}), "history": history}, "history": history,
+                "fitted_epochs": int(ck["fitted_epochs"]) if ck.get("fitted_epochs") else None}
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise CytoclipError(last, f"this checkpoint does not fit the model being trained ({str(exc)[:200]}); "
                             "delete it to start again") from None
@@ -415,12 +505,8 @@ def _text_weights_available(bundle: ModelBundle) -> bool:
     return folder is None or any((folder / n).is_file() for n in ("model.safetensors", "pytorch_model.bin"))
 
 
-def _write_bundle(out: Path, bundle: ModelBundle, model, data: TrainData, ckpt_dir: Path, config: TrainConfig,
-                  best: dict, history: list, device, run: dict) -> ModelBundle:
-    import shutil
-
-    import torch
-
+def _write_bundle(out: Path, bundle: ModelBundle, model, data: TrainData, val: TrainData | None, ckpt_dir: Path,
+                  config: TrainConfig, best: dict, history: list, device, run: dict, new_weights: bool) -> ModelBundle:
     state = {k: v for k, v in model.state_dict().items()}
     best_file = ckpt_dir / "best.pt"
     if best_file.is_file():
@@ -432,20 +518,52 @@ def _write_bundle(out: Path, bundle: ModelBundle, model, data: TrainData, ckpt_d
     new = ModelBundle(**{k: getattr(bundle, k) for k in bundle.__dataclass_fields__})
     new.regions, new.path, new.weights_path = regions, None, None
     new.name = out.name
-    n_replay = int(data.replay.sum()) if data.replay is not None else 0
+    new.provenance = training_provenance(bundle, data, val, config, best, history, device, run, new_weights)
+    saved = save_bundle(new, state, out)
+    _remove_checkpoint_folder(ckpt_dir)
+    return saved
+
+
+def training_provenance(parent: ModelBundle, data: TrainData, val: TrainData | None, config: TrainConfig,
+                        best: dict, history: list, device, run: dict, new_weights: bool = False) -> dict:
+    """What a trained bundle records about itself, all from this run; the init bundle's own record is
+    kept apart under ``parent`` (its claims, such as test metrics, are not this model's)."""
+    import open_clip
+    import torch
+
+    from . import __version__
+
     cfg = asdict(config)
     if cfg.get("text_features"):
         cfg["text_features"] = Path(cfg["text_features"]).name
-    new.provenance = {**bundle.provenance, "trained_from": bundle.name, "init_weights": bundle.weights_hash()
-                      if bundle.weights_path else "new", "pairs": data.sources,
-                      "n_pairs": int(len(data.targets)) - n_replay, "replay": data.replay_sources,
-                      "n_replay_pairs": n_replay, "config": {**cfg, **run}, "selected_epoch": best.get("epoch"),
-                      "history": history, "device": str(device)}
-    if not n_replay:
-        del new.provenance["replay"], new.provenance["n_replay_pairs"]
-    saved = save_bundle(new, state, out)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return saved
+    weights = "new" if new_weights or not parent.weights_path else parent.weights_hash()
+    n_replay = int(data.replay.sum()) if data.replay is not None else 0
+    hardware = {"device": str(device), "machine": platform.machine(), "processor": platform.processor() or None,
+                "torch_threads": torch.get_num_threads()}
+    if getattr(device, "type", "") == "cuda":
+        hardware.update(gpu=torch.cuda.get_device_name(device), autocast="bfloat16")
+    selection = {"by": "highest val_macro_f1 (the later epoch on ties)", "on": [f["folder"] for f in val.folders],
+                 "n_val_pairs": int(len(val.targets))} if val is not None else {"by": "last epoch (no validation)"}
+    prov = {
+        "produced_by": "napari_cytoclip.train", "trained_from": parent.name, "init_weights": weights,
+        "pairs": data.sources, "n_pairs": int(len(data.targets)) - n_replay,
+        **({"replay": data.replay_sources, "n_replay_pairs": n_replay} if n_replay else {}),
+        "data": [f for f in data.folders] + ([{**f, "validation": True} for f in val.folders] if val else []),
+        "config": {**cfg, **{k: run[k] for k in ("steps_per_epoch", "warmup_steps", "new_per_batch")}},
+        "epochs_run": run["epochs_run"], "steps": run["steps"], "total_steps": run["total_steps"],
+        "selected_epoch": best.get("epoch"), "selection": selection, "history": history,
+        "device": str(device), "hardware": hardware,
+        "software": {"napari_cytoclip": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "time": {"finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "train_seconds": round(float(run["train_seconds"]), 3)},
+        "parent": {"name": parent.name, "weights": weights, "provenance": parent.provenance},
+    }
+    return json.loads(json.dumps(prov, default=_plain))
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 def _merge_regions(old: list[Region], trained: list[Region]) -> list[Region]:

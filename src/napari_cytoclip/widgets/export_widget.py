@@ -1,9 +1,10 @@
 """The Export annotations widget: corrections to training pairs and annotations; optional fine-tuning."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import queue
-import shutil
 import threading
 from pathlib import Path
 from typing import Any, Generator
@@ -25,7 +26,7 @@ def training_steps(pairs: Path, out: Path, init: Any, config: Any, stop: threadi
     """Run ``train.train`` in a helper thread; yield its progress dicts; return the new bundle.
 
     Setting ``stop`` makes the next progress call raise ``Cancelled`` inside training, and the
-    half-written checkpoint folder is removed.
+    checkpoint folder is removed if this run created it (only training's own files in it).
     """
     from ..errors import Cancelled
     from ..train import train
@@ -46,16 +47,33 @@ def training_steps(pairs: Path, out: Path, init: Any, config: Any, stop: threadi
         finally:
             updates.put(None)
 
+    ckpt = out.with_name(out.name + ".ckpt")
+    ours = not os.path.lexists(ckpt)  # only a checkpoint folder this run creates may be removed
     thread = threading.Thread(target=work, daemon=True, name="cytoclip-finetune")
     thread.start()
     while (item := updates.get()) is not None:
         yield item
     thread.join()
     if "error" in result:
-        if isinstance(result["error"], Cancelled):
-            shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
+        if isinstance(result["error"], Cancelled) and ours:
+            remove_checkpoint(ckpt)
         raise result["error"]
     return result["bundle"]
+
+
+CHECKPOINT_FILES = ("last.pt", "best.pt", "text_features.pt", "last.pt.tmp", "best.pt.tmp", "cytoclip-train.json")
+
+
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete the files training writes into ``ckpt``, then the folder if nothing else is left in it."""
+    if ckpt.is_symlink() or not ckpt.is_dir():
+        return
+    for name in CHECKPOINT_FILES:
+        path = ckpt / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        ckpt.rmdir()  # fails, keeping it, when anything else is in it
 
 
 def next_model_folder(out_dir: Path, name: str) -> Path:

@@ -6,43 +6,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..reader import TRANSPARENT, features_table, region_colormap  # noqa: F401  (re-exported)
 from .state import META_KEY, PredictionState, layer_alive, state_of
 
-TRANSPARENT = np.zeros(4, np.float32)
 HIGHLIGHT_RGBA = (1.0, 0.24, 0.96, 1.0)  # magenta: stands out on viridis
 REVIEW_RGBA = (1.0, 0.2, 0.2, 1.0)
 CANVAS_PX = 600.0
 
 
 # ---------------------------------------------------------------------------------------------
-# colours and tables
-
-def region_colormap(regions: Sequence[Any]):
-    """A direct colormap: every region its own colour, background and unknown ids transparent."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    colors: dict = {None: TRANSPARENT, 0: TRANSPARENT}
-    colors.update({int(r.id): np.asarray(r.rgba(), np.float32) for r in regions})
-    return DirectLabelColormap(color_dict=colors)
-
-
-def features_table(regions: Sequence[Any], labels: np.ndarray | None = None,
-                   confidence: np.ndarray | None = None):
-    """One row per region (``index`` = label id): name, acronym and the model's mean confidence.
-
-    Shown by napari when hovering over a label (no counts: they would go stale as the user paints).
-    """
-    import pandas as pd
-
-    labels = None if labels is None else np.asarray(labels)
-    rows = []
-    for r in regions:
-        inside = (labels == r.id) if labels is not None else None
-        ok = confidence is not None and inside is not None and bool(inside.any())
-        conf = float(np.nanmean(confidence[inside])) if ok else float("nan")
-        rows.append({"index": int(r.id), "name": r.name, "acronym": r.acronym, "mean confidence": round(conf, 3)})
-    return pd.DataFrame(rows, columns=["index", "name", "acronym", "mean confidence"])
-
+# colours and tables (region_colormap and features_table live in the Qt-free reader)
 
 def auto_color(existing: Sequence[str], seed: int) -> str:
     """A saturated colour far (in hue) from the ``existing`` ones."""

@@ -18,7 +18,7 @@ from .common import (LayerChoices, WorkerFailure, current_plane, drive, group, i
 from .layers import (apply_batch, create_labels_layer, drop_views, finish_layers, focus_cell, image_transform,
                      redraw_labels, review_marker, show_confidence)
 from .legend import RegionLegend
-from .review import describe_top, identify_cells, least_confident_unreviewed, shapes_to_grid
+from .review import advance_review, describe_top, identify_cells, shapes_to_grid
 from .state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,
                     state_of)
 
@@ -129,9 +129,11 @@ class PredictWidget(QWidget):
         self.status = status_label("Choose an image and press Run.")
 
         self.legend = RegionLegend()
-        self.review_button = PushButton(text="Next uncertain tile")
-        self.review_status = status_label("Visits the least confident tiles; reviewed tiles export as "
-                                          "confirmed unless you repaint them.")
+        self.review_button = PushButton(text="Next uncertain tile",
+                                        tooltip="Confirm the tile shown (as it is now) and go to the next one")
+        self.skip_button = PushButton(text="Skip", tooltip="Go to the next tile without confirming this one")
+        self.review_status = status_label("Visits the least confident tiles. Next confirms the tile shown "
+                                          "(repaint it first if wrong); Skip leaves it unconfirmed.")
         self.identify_button = PushButton(text="Identify selection")
         self.identify_text = QPlainTextEdit()
         self.identify_text.setReadOnly(True)
@@ -149,7 +151,12 @@ class PredictWidget(QWidget):
         layout.addWidget(self.progress.native)
         layout.addWidget(self.status)
         layout.addWidget(group("Regions (click to paint)", self.legend))
-        layout.addWidget(group("Review queue", self.review_button.native, self.review_status))
+        review_buttons = QWidget()
+        row = QHBoxLayout(review_buttons)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.review_button.native)
+        row.addWidget(self.skip_button.native)
+        layout.addWidget(group("Review queue", review_buttons, self.review_status))
         layout.addWidget(group("Identify selection", self.identify_button.native, self.identify_text))
         layout.addStretch(1)
 
@@ -181,6 +188,7 @@ class PredictWidget(QWidget):
         self.cancel_button.changed.connect(self.cancel)
         self.legend.region_clicked.connect(self.paint_with)
         self.review_button.changed.connect(self.next_uncertain)
+        self.skip_button.changed.connect(self.skip_uncertain)
         self.identify_button.changed.connect(self.identify_selection)
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         napari_viewer.layers.selection.events.active.connect(self._on_active_layer)
@@ -285,6 +293,7 @@ class PredictWidget(QWidget):
         state = PredictionState(image_name=image_name, section=section, grid=grid, bundle=bundle, model_key=key,
                                 stride_um=stride, image_scale=scale, image_translate=translate)
         state.model = self._models.get(key)
+        state.cache = self.cache_folder()
         name = f"cytoclip regions ({image_name})"
         create_labels_layer(self.viewer, state, name, reuse=self._reusable_layer(name))
         self._set_current(state)
@@ -583,8 +592,8 @@ class PredictWidget(QWidget):
         if state is None or not state.complete:
             return
         n = int(state.reviewed.sum())
-        if n:
-            self.review_status.setText(f"Reviewed {n} of {len(state.prediction.cells)} tiles.")
+        if n or state.visited.any():
+            self.review_status.setText(f"{n} of {len(state.prediction.cells)} tiles confirmed.")
 
     # ------------------------------------------------------------------ legend, review, identify
     def paint_with(self, region_id: int) -> None:
@@ -602,26 +611,33 @@ class PredictWidget(QWidget):
         self.status.setText(f"Painting {region.name if region else region_id} (id {region_id}).")
 
     def next_uncertain(self, *_: Any) -> tuple[int, int] | None:
-        """Move to the least confident tile not yet reviewed and mark it reviewed."""
+        """Confirm the tile shown (moving on is the user's confirmation) and show the least confident unseen one."""
+        return self._advance_review(confirm=True)
+
+    def skip_uncertain(self, *_: Any) -> tuple[int, int] | None:
+        """Show the next least confident tile, leaving the one shown unconfirmed."""
+        return self._advance_review(confirm=False)
+
+    def _advance_review(self, confirm: bool) -> tuple[int, int] | None:
         state = self._complete_state()
         if state is None:
             return None
         pred = state.prediction
-        cell = least_confident_unreviewed(state)
-        if cell is None:
-            self.review_status.setText("Every tile has been reviewed.")
-            return None
-        r, c = cell
-        state.reviewed[r, c] = True
+        left, cell = advance_review(state, confirm)
         state.publish()
         state.changed.emit("reviewed")
+        n = int(state.reviewed.sum())
+        if cell is None:
+            self.review_status.setText(f"Every tile has been shown ({n} confirmed).")
+            return None
+        r, c = cell
         focus_cell(self.viewer, state, (r, c))
         review_marker(self.viewer, state, (r, c))
         label = int(np.asarray(state.labels_layer.data)[r, c])
         region = state.region(label)
         self.review_status.setText(
             f"Tile ({r}, {c}): {region.name if region else 'no region'}, {pred.confidence[r, c]:.0%} confident "
-            f"({int(state.reviewed.sum())} of {len(pred.cells)} reviewed). Repaint it if wrong.")
+            f"({n} of {len(pred.cells)} confirmed). Repaint it if wrong; Next confirms it, Skip does not.")
         return r, c
 
     def identify_selection(self, *_: Any) -> list[tuple[Any, float, float]] | None:

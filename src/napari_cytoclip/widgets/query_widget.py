@@ -176,7 +176,8 @@ class QueryWidget(QWidget):
     def add_region(self, *_: Any):
         """Add a region (new id = max + 1) and relabel every tile from the cached embeddings.
 
-        Cells the user has painted keep their paint; all others take the new decoding.
+        Cells the user has painted keep their paint; all others take the new decoding, and those
+        whose label changed lose their review confirmation (the user has not seen the new label).
         """
         from ..bundle import Region, validate_regions
 
@@ -207,13 +208,15 @@ class QueryWidget(QWidget):
         state.regions = list(regions)
         state.predicted = np.asarray(state.prediction.labels, np.uint16).copy()
         relabelled = np.where(edited, current, state.predicted).astype(current.dtype)
+        cleared = state.clear_confirmation(relabelled != current)
         layer.data = relabelled
         refresh_region_layers(self.viewer, state)
         state.publish()
         state.changed.emit("regions")
         n = int((state.predicted == new.id).sum())
         self.add_status.setText(f"Added '{new.name}' (id {new.id}): {n} tiles now carry it"
-                                + (f"; {int(edited.sum())} painted tiles kept." if edited.any() else "."))
+                                + (f"; {int(edited.sum())} painted tiles kept" if edited.any() else "")
+                                + (f"; {cleared} relabelled tiles are no longer confirmed." if cleared else "."))
         self.region_name.value = ""
         self.region_description.value = ""
         return new

@@ -12,12 +12,27 @@ def least_confident_unreviewed(state: PredictionState) -> tuple[int, int] | None
     """The encoded cell with the lowest confidence that the review queue has not shown yet."""
     pred = state.prediction
     cells = np.asarray(pred.cells)
-    todo = cells[~state.reviewed[cells[:, 0], cells[:, 1]]]
+    todo = cells[~state.visited[cells[:, 0], cells[:, 1]]]
     if len(todo) == 0:
         return None
     conf = pred.confidence[todo[:, 0], todo[:, 1]]
     r, c = (int(v) for v in todo[int(np.argmin(conf))])
     return r, c
+
+
+def advance_review(state: PredictionState, confirm: bool = True
+                   ) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """Leave the tile under review and show the next least confident one: ``(left, shown)``.
+
+    Moving on with ``confirm`` confirms the tile the user was shown (``left``; None if none was);
+    without it (*Skip*) the tile stays unconfirmed. The next tile is only shown, never confirmed.
+    """
+    left = state.confirm_shown() if confirm else None
+    state.under_review = None
+    cell = least_confident_unreviewed(state)
+    if cell is not None:
+        state.show_for_review(cell)
+    return left, cell
 
 
 def identify_cells(state: PredictionState, model: Any, mask: np.ndarray, k: int = 5

@@ -4,9 +4,15 @@ Every run of the Predict widget makes its own :class:`PredictionState`; nothing 
 Labels layer carries the state (``metadata["cytoclip"]["state"]``) next to plain summary values
 (``complete``, ``status``, ``image``, ``model``...), so the Query and Export widgets find
 everything from the layer alone, and two predictions on two images never share anything.
+
+A results folder reopened by the reader (:func:`napari_cytoclip.reader.read_prediction_folder`)
+gives a Labels layer whose ``metadata["cytoclip"]`` holds plain values only (the folder and its
+embedding cache); :func:`state_of` restores its :class:`PredictionState` from them the first time
+a widget asks, so correcting, querying and teaching continue where they stopped.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +28,12 @@ class PredictionState:
     """One prediction of one image, and what the user did with it since.
 
     ``predicted`` is the baseline the user's paint is compared with: a copy of the model's labels
-    (tile-level while streaming, the voted labels once complete). ``reviewed`` marks the cells
-    the review queue showed (exported as *confirmed*). ``layers`` maps roles (``labels``,
-    ``confidence``, ``query``, ``highlight``, ``review``) to the napari layers of this prediction.
+    (tile-level while streaming, the voted labels once complete). ``reviewed`` marks the cells the
+    user confirmed (exported as *confirmed*): a tile the review queue shows (``under_review``) is
+    confirmed only when the user moves on from it with *Next*, and any relabelling of a cell clears
+    its confirmation (:meth:`clear_confirmation`). ``visited`` marks the cells the queue has shown.
+    ``layers`` maps roles (``labels``, ``confidence``, ``query``, ``highlight``, ``review``) to the
+    napari layers of this prediction.
     """
 
     changed = Signal(str)  # "batch", "complete", "status", "regions", "reviewed"
@@ -35,7 +44,8 @@ class PredictionState:
         self.section = section
         self.grid = grid
         self.bundle = bundle            # the ModelBundle the run used (weights on disk)
-        self.model = None               # the loaded CytoClip, once loaded
+        self._model = None              # the loaded CytoClip, once loaded
+        self.load_model_on_use = False  # a restored prediction loads its model when first used
         self.model_key = model_key
         self.stride_um = float(stride_um)
         self.image_scale = tuple(image_scale)
@@ -44,7 +54,11 @@ class PredictionState:
         shape = tuple(grid.shape)
         self.predicted = np.zeros(shape, np.uint16)
         self.tile_confidence = np.full(shape, np.nan, np.float32)
-        self.reviewed = np.zeros(shape, bool)
+        self.reviewed = np.zeros(shape, bool)   # confirmed by the user
+        self.visited = np.zeros(shape, bool)    # shown by the review queue
+        self.under_review: tuple[int, int] | None = None
+        self.cache: Path | None = None          # the embedding cache folder, if any
+        self.prediction_folder: Path | None = None  # the results folder it was reopened from, if any
         self.prediction = None          # napari_cytoclip.predict.Prediction when complete
         self.status = RUNNING
         self.message = ""
@@ -52,6 +66,46 @@ class PredictionState:
         self.total = 0
         self.layers: dict[str, Any] = {}
         self.finetuned_bundle: Path | None = None
+
+    @property
+    def model(self):
+        """The loaded CytoClip (a restored prediction loads it here on first use)."""
+        if self._model is None and self.load_model_on_use:
+            from ..model import load_model
+
+            self.load_model_on_use = False
+            self._model = load_model(self.bundle, device=str(self.model_key[1]), precision="auto")
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
+
+    # ------------------------------------------------------------------ review and confirmation
+    def show_for_review(self, cell: tuple[int, int]) -> None:
+        """The review queue shows ``cell``: visited, not yet confirmed."""
+        self.visited[cell] = True
+        self.under_review = (int(cell[0]), int(cell[1]))
+
+    def confirm_shown(self) -> tuple[int, int] | None:
+        """The user moves on from the tile under review: it counts as confirmed. Returns that cell."""
+        cell, self.under_review = self.under_review, None
+        if cell is not None:
+            self.reviewed[cell] = True
+        return cell
+
+    def clear_confirmation(self, changed: np.ndarray) -> int:
+        """Cells whose label a relabelling changed lose their confirmation and return to the queue.
+
+        Returns how many confirmed cells were cleared.
+        """
+        changed = np.asarray(changed, bool)
+        cleared = int((self.reviewed & changed).sum())
+        self.reviewed &= ~changed
+        self.visited &= ~changed
+        if self.under_review is not None and changed[self.under_review]:
+            self.under_review = None
+        return cleared
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -82,7 +136,9 @@ class PredictionState:
             "model_path": str(self.bundle.path) if getattr(self.bundle, "path", None) else None,
             "stride_um": self.stride_um, "pixel_size_um": float(self.grid.pixel_size_um),
             "grid": self.grid.to_dict(), "tiles_done": int(self.done), "tiles_total": int(self.total),
-            "reviewed_cells": int(self.reviewed.sum()),
+            "reviewed_cells": int(self.reviewed.sum()), "confirmed_cells": int(self.reviewed.sum()),
+            "cache": str(self.cache) if self.cache else None,
+            "prediction_folder": str(self.prediction_folder) if self.prediction_folder else None,
             "regions": [r.to_dict() for r in self.regions],
             "finetuned_bundle": str(self.finetuned_bundle) if self.finetuned_bundle else None,
         }
@@ -100,20 +156,87 @@ class PredictionState:
 
 
 def state_of(layer: Any) -> PredictionState | None:
-    """The prediction state a layer carries, if it is a cytoclip Labels layer."""
+    """The prediction state a layer carries, if it is a cytoclip Labels layer.
+
+    A Labels layer reopened from a results folder is restored here on first use (once: a failure is
+    warned about and kept in ``metadata["cytoclip"]["restore_error"]``).
+    """
     meta = getattr(layer, "metadata", None)
     if not isinstance(meta, dict):
         return None
     entry = meta.get(META_KEY)
     state = entry.get("state") if isinstance(entry, dict) else None
+    if state is None and isinstance(entry, dict) and entry.get("prediction_folder") and entry.get("role") == "labels" \
+            and not entry.get("restore_error"):
+        from ..errors import CytoclipError
+
+        try:
+            state = restore_state(layer)
+        except CytoclipError as exc:
+            entry["restore_error"] = str(exc)
+            warnings.warn(f"the prediction in '{getattr(layer, 'name', '')}' opens for viewing only: {exc}",
+                          stacklevel=2)
+            return None
     return state if isinstance(state, PredictionState) else None
 
 
+def restore_state(layer: Any) -> PredictionState:
+    """The :class:`PredictionState` of a Labels layer reopened from a results folder (see the reader).
+
+    Reads the embedding cache, opens the section and finds the model that made the prediction (its
+    weights are loaded when first used); refuses a cache made for another image, model or grid.
+    Raises a CytoclipError naming the file and the problem.
+    """
+    from ..cache import expected_signature, jsonable, load_prediction
+    from ..predict import check_signature
+    from ..reader import _read_summary, prediction_bundle, resolve_source
+    from ..sections import open_section
+
+    entry = layer.metadata[META_KEY]
+    folder = Path(entry["prediction_folder"])
+    summary = _read_summary(folder)
+    source = resolve_source(folder, str(summary.get("source") or ""))
+    bundle = prediction_bundle(summary, folder)
+    cache = Path(entry["cache"])
+    prediction = load_prediction(cache)
+    grid = prediction.grid
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pixel size comes from the prediction, not the file
+        section = open_section(source, pixel_size_um=grid.pixel_size_um)
+    check_signature(prediction, jsonable(expected_signature(section, bundle, grid)), str(cache))
+    scale = np.asarray(layer.scale[-2:], np.float64) / grid.step
+    translate = np.asarray(layer.translate[-2:], np.float64) - np.asarray(grid.origin) * scale
+    state = PredictionState(image_name=str(entry.get("image") or section.name), section=section, grid=grid,
+                            bundle=bundle, model_key=(str(bundle.path), "auto"), stride_um=grid.stride_um,
+                            image_scale=tuple(scale), image_translate=tuple(translate))
+    state.regions = list(prediction.regions)
+    state.predicted = np.asarray(prediction.labels, np.uint16).copy()
+    state.tile_confidence = np.asarray(prediction.confidence, np.float32)
+    prediction.complete = True
+    state.prediction = prediction
+    state.done = state.total = len(prediction.cells)
+    state.status = COMPLETE
+    state.cache, state.prediction_folder = cache, folder
+    state.load_model_on_use = True
+    state.layers = {"labels": layer}
+    state.publish()
+    return state
+
+
 def prediction_layers(viewer: Any) -> list:
-    """Labels layers in ``viewer`` that carry a cytoclip prediction."""
+    """Labels layers in ``viewer`` that carry a cytoclip prediction (reopened ones restored and linked)."""
     from napari.layers import Labels
 
-    return [layer for layer in viewer.layers if isinstance(layer, Labels) and state_of(layer) is not None]
+    found = [layer for layer in viewer.layers if isinstance(layer, Labels) and state_of(layer) is not None]
+    for layer in found:
+        state = state_of(layer)
+        if state.prediction_folder is not None and "confidence" not in state.layers:
+            for other in viewer.layers:  # the confidence layer the reader opened beside it
+                entry = other.metadata.get(META_KEY) if isinstance(other.metadata, dict) else None
+                if isinstance(entry, dict) and entry.get("role") == "confidence" and \
+                        Path(str(entry.get("prediction_folder", ""))).resolve() == state.prediction_folder.resolve():
+                    state.layers["confidence"] = other
+    return found
 
 
 def layer_alive(viewer: Any, layer: Any) -> bool:

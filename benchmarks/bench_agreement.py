@@ -36,8 +36,8 @@ QUERIES = ["cerebellum", "hippocampal formation", "isocortex", "fiber tracts", "
 
 def read_windows(model, plates, stride_um: float, work: Path) -> dict:
     """``{plate: (cells, windows uint8)}`` for each plate, cached under ``work``."""
-    from napari_cytoclip.predict import plan_grid
-    from napari_cytoclip.windows import WindowReader
+    from napari_cytoclip.inference.predict import plan_grid
+    from napari_cytoclip.inference.windows import WindowReader
 
     out = {}
     for plate in plates:
@@ -84,14 +84,14 @@ def encode_path(name, f, model, data, work: Path, batch: int, trunk: bool = Fals
 
 
 def tile_labels(emb, region_emb, logit_scale):
-    from napari_cytoclip.aggregate import region_probabilities
+    from napari_cytoclip.inference.aggregate import region_probabilities
 
     return region_probabilities(emb, region_emb, logit_scale).argmax(1)
 
 
 def voted(cells, emb, grid, model, region_emb):
-    from napari_cytoclip.grid import TileGrid
-    from napari_cytoclip.predict import decode_labels
+    from napari_cytoclip.inference.grid import TileGrid
+    from napari_cytoclip.inference.predict import decode_labels
 
     labels, _ = decode_labels(cells, emb, region_emb, [r.id for r in model.regions], TileGrid.from_dict(grid),
                               model.bundle.label_um, model.logit_scale)
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_cytoclip import allen
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cytoclip-bench")

@@ -30,7 +30,7 @@ import fastpaths  # noqa: E402
 def main(argv=None) -> int:
     import torch
 
-    from napari_cytoclip.model import cpu_supports_bf16, load_model
+    from napari_cytoclip.models.model import cpu_supports_bf16, load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-size", type=int, default=128)

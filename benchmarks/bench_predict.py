@@ -65,7 +65,7 @@ def zarr_section(path: Path):
     import tifffile
     import zarr
 
-    from napari_cytoclip.sections import Section, _tiff_pixel_size
+    from napari_cytoclip.io.sections import Section, _tiff_pixel_size
 
     tif = tifffile.TiffFile(path)
     series = tif.series[0]
@@ -80,7 +80,7 @@ def chunked_region_probabilities(embeddings, region_embeddings, logit_scale, row
     """``aggregate.region_probabilities`` a block of rows at a time: the float32 copy of the embeddings
     (the whole slide's, 4 bytes x dim per tile) never exists at once. Was a prototype; ``predict.decode_labels``
     now works in blocks itself, so this run (skipped with ``--skip-chunked``) no longer differs."""
-    from napari_cytoclip.aggregate import region_probabilities
+    from napari_cytoclip.inference.aggregate import region_probabilities
 
     n = len(embeddings)
     out = np.empty((n, len(region_embeddings)), np.float32)
@@ -91,10 +91,10 @@ def chunked_region_probabilities(embeddings, region_embeddings, logit_scale, row
 
 def rss_child(path: Path, stride: float, stub: bool, chunked: bool = False) -> dict:
     """What ``napari-cytoclip predict`` does, in this (fresh) process; returns peak memory and counts."""
-    from napari_cytoclip.model import CytoClip, load_model
-    from napari_cytoclip.outputs import write_prediction_folder
-    from napari_cytoclip.predict import predict_section
-    from napari_cytoclip.sections import open_section
+    from napari_cytoclip.models.model import CytoClip, load_model
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import open_section
 
     t0 = time.perf_counter()
     section = open_section(path)
@@ -115,7 +115,7 @@ def rss_child(path: Path, stride: float, stub: bool, chunked: bool = False) -> d
             return e / np.linalg.norm(e, axis=1, keepdims=True)
         CytoClip.encode_windows = fake
     if chunked:
-        import napari_cytoclip.predict as predict_module
+        import napari_cytoclip.inference.predict as predict_module
 
         predict_module.region_probabilities = chunked_region_probabilities
     prediction = predict_section(section, model, stride_um=stride, batch_size=64)
@@ -155,7 +155,7 @@ def encoder_only(model, tensors) -> tuple[float, float]:
 
 
 def end_to_end(section, model, cells, batch) -> dict:
-    from napari_cytoclip.predict import predict_iter
+    from napari_cytoclip.inference.predict import predict_iter
 
     t0 = time.perf_counter()
     gen = predict_iter(section, model, cells=cells, batch_size=batch)
@@ -175,8 +175,8 @@ def end_to_end(section, model, cells, batch) -> dict:
 
 def naive(section, model, cells, grid, batch) -> float:
     """Each tile read alone, one forward per batch, no prefetch, no tissue mask."""
-    from napari_cytoclip.tissue import detect_polarity
-    from napari_cytoclip.windows import WindowReader
+    from napari_cytoclip.io.tissue import detect_polarity
+    from napari_cytoclip.inference.windows import WindowReader
 
     t = time.perf_counter()
     reader = WindowReader(section, model.input, detect_polarity(section))
@@ -214,10 +214,10 @@ def main(argv=None) -> int:
     import fastpaths
     import make_slide
 
-    from napari_cytoclip.model import load_model
-    from napari_cytoclip.predict import plan_grid
-    from napari_cytoclip.sections import open_section
-    from napari_cytoclip.windows import WindowReader
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.inference.predict import plan_grid
+    from napari_cytoclip.io.sections import open_section
+    from napari_cytoclip.inference.windows import WindowReader
 
     slide, crop = make_slide.ensure_slides(args.work / "slide40k.tif", 40960, 10240)
     print(f"machine: {fastpaths.machine()}", flush=True)

@@ -51,11 +51,11 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
 def main(argv=None) -> int:
     import fastpaths
 
-    from napari_cytoclip.bundle import Region
-    from napari_cytoclip.cache import load_prediction, save_prediction
-    from napari_cytoclip.grid import TileGrid
-    from napari_cytoclip.model import load_model
-    from napari_cytoclip.predict import Prediction
+    from napari_cytoclip.models.bundle import Region
+    from napari_cytoclip.inference.cache import load_prediction, save_prediction
+    from napari_cytoclip.inference.grid import TileGrid
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.inference.predict import Prediction
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", type=int, default=100_000)

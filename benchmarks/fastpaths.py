@@ -36,7 +36,7 @@ def machine() -> str:
 
     import torch
 
-    from napari_cytoclip.model import cpu_supports_bf16
+    from napari_cytoclip.models.model import cpu_supports_bf16
 
     name = platform.processor() or "cpu"
     try:

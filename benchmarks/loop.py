@@ -229,7 +229,7 @@ class Loop:
     # -- step 1: the weak start -----------------------------------------------------------------
 
     def start_model(self) -> Path:
-        from napari_cytoclip.bundle import default_bundle_path
+        from napari_cytoclip.models.bundle import default_bundle_path
 
         a = self.args
         if a.start_model:
@@ -240,8 +240,8 @@ class Loop:
         if (model / "cytoclip.json").is_file():
             return model
         from napari_cytoclip import allen
-        from napari_cytoclip.architectures import create_initial_bundle
-        from napari_cytoclip.bundle import load_bundle
+        from napari_cytoclip.models.architectures import create_initial_bundle
+        from napari_cytoclip.models.bundle import load_bundle
 
         shipped = load_bundle(default_bundle_path())
         init_dir = self.work / "start" / "init"
@@ -272,7 +272,7 @@ class Loop:
             folders = [self.work / "start" / "pairs" / f"plate_{n:03d}" for n in self.results["start"]["plates"]]
         else:
             from napari_cytoclip import allen
-            from napari_cytoclip.bundle import load_bundle
+            from napari_cytoclip.models.bundle import load_bundle
 
             bundle = load_bundle(start)
             subset = weak_subset(self.all_plates, a.weak_every)
@@ -388,7 +388,7 @@ class Loop:
     # -- all --------------------------------------------------------------------------------------
 
     def main(self) -> dict:
-        from napari_cytoclip.bundle import default_bundle_path
+        from napari_cytoclip.models.bundle import default_bundle_path
 
         a = self.args
         t0 = time.perf_counter()

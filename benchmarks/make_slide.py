@@ -7,7 +7,7 @@ um/px upsampled 1.7-3.8x, so each section keeps its true physical size, 4-10 mm)
 ``--cell`` px square of a square mosaic (10 x 10 plates at the default 40,960 px), cycling through
 the 131 usable plates. Dark-field like the plates: black slide, bright cells. Written as RGB,
 tiled 512 px, JPEG (quality 85), BigTIFF, with SubIFD pyramid levels /2 ... /64 and resolution tags,
-so ``napari_cytoclip.sections.open_section`` reads the pixel size back. Tiles come from a generator
+so ``napari_cytoclip.io.sections.open_section`` reads the pixel size back. Tiles come from a generator
 that keeps one row of resized plates in memory (a few hundred MB at most), whatever the slide size.
 
 ``--crop N`` also writes the top-left N x N px of the same mosaic as its own pyramidal file
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rewrite existing files")
     args = ap.parse_args(argv)
     slide, crop = ensure_slides(args.out, args.size, args.crop or None, args.force, args.pixel_um)
-    from napari_cytoclip.sections import open_section
+    from napari_cytoclip.io.sections import open_section
 
     for path in (slide, crop):
         if path is None:

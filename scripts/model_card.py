@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from napari_cytoclip import allen
-from napari_cytoclip.architectures import create_initial_bundle
-from napari_cytoclip.bundle import default_bundle_path
-from napari_cytoclip.evaluate import evaluate_allen_split
-from napari_cytoclip.model import load_model
-from napari_cytoclip.predict import plan_grid
-from napari_cytoclip.tissue import tissue_mask
-from napari_cytoclip.windows import WindowReader
+from napari_cytoclip.models.architectures import create_initial_bundle
+from napari_cytoclip.models.bundle import default_bundle_path
+from napari_cytoclip.teach.evaluate import evaluate_allen_split
+from napari_cytoclip.models.model import load_model
+from napari_cytoclip.inference.predict import plan_grid
+from napari_cytoclip.io.tissue import tissue_mask
+from napari_cytoclip.inference.windows import WindowReader
 
 
 def trunk_features(model, windows: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, epochs: 
 
 def evaluate_probe(model, classify, plates, stride_um: float) -> np.ndarray:
     """Pixelwise confusion (16x16) of the probe on ``plates``."""
-    from napari_cytoclip.evaluate import pixel_confusion
+    from napari_cytoclip.teach.evaluate import pixel_confusion
 
     cm = np.zeros((16, 16), np.int64)
     for plate in plates:
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
                                 for p in allen.plates(args.data, "train")])
             classify = fit_probe(np.concatenate(feats), np.concatenate(labs), 16)
             cm = evaluate_probe(untrained, classify, test, stride)
-            from napari_cytoclip.metrics import scores_from_confusion
+            from napari_cytoclip.teach.metrics import scores_from_confusion
 
             scores = scores_from_confusion(cm, list(range(1, 15)))
             summary["imagenet_linear_probe"] = {"macro_f1": scores["macro_f1"], "accuracy": scores["accuracy"],

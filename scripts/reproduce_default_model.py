@@ -20,8 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from napari_cytoclip import allen
-from napari_cytoclip.bundle import default_bundle_path, load_bundle
-from napari_cytoclip.train import TrainConfig, train
+from napari_cytoclip.models.bundle import default_bundle_path, load_bundle
+from napari_cytoclip.teach.train import TrainConfig, train
 
 # the shipped run: 8 epochs of batch 512 at lr 2e-3 (warmup 100, seed 0) over 217,448 pairs on a jittered
 # 120 um grid (majority label over 200 um), three windows of 1280/2560/5120 um, plates read as JPEG q90
@@ -143,7 +143,7 @@ def reencoded_plates(data: str | None, dest: Path, quality: int) -> Path:
 
 def initial_bundle(the_plan: dict, folder: Path):
     """The untrained start model of the plan (ImageNet image tower, random projections), made once."""
-    from napari_cytoclip.architectures import create_initial_bundle
+    from napari_cytoclip.models.architectures import create_initial_bundle
 
     if folder.exists():
         return load_bundle(folder)
@@ -154,7 +154,7 @@ def initial_bundle(the_plan: dict, folder: Path):
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from napari_cytoclip.model import pick_device
+    from napari_cytoclip.models.model import pick_device
 
     the_plan = plan(args)
     device = pick_device(args.device).type

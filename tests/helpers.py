@@ -23,9 +23,9 @@ def tiny_bundle(folder: str | Path, seed: int = 0, name: str = "tiny-cytoclip"):
     """
     import torch
 
-    from napari_cytoclip.bundle import InputSpec, ModelBundle, save_bundle
-    from napari_cytoclip.model import build_open_clip
-    from napari_cytoclip.vocabularies import allen_mouse_regions
+    from napari_cytoclip.models.bundle import InputSpec, ModelBundle, save_bundle
+    from napari_cytoclip.models.model import build_open_clip
+    from napari_cytoclip.models.vocabularies import allen_mouse_regions
 
     bundle = ModelBundle(name=name, architecture={"config": TINY_CONFIG},
                          input=InputSpec(32, (320.0, 640.0, 1280.0)), regions=allen_mouse_regions(),
@@ -49,7 +49,7 @@ def cropped_plate_section(n: int, box: tuple[int, int, int, int] | None = None, 
     """A section of plate ``n`` (optionally cropped to ``(y0, y1, x0, x1)``) with its pixel size, and its labels."""
     from PIL import Image
 
-    from napari_cytoclip.sections import section_from_array
+    from napari_cytoclip.io.sections import section_from_array
 
     plate = allen_plate(n)
     with Image.open(plate.image) as im:

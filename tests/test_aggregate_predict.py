@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import tiny_bundle  # noqa: E402
 
-from napari_cytoclip.aggregate import (footprint_radius, labels_from_index, region_probabilities,  # noqa: E402
+from napari_cytoclip.inference.aggregate import (footprint_radius, labels_from_index, region_probabilities,  # noqa: E402
                                        similarity_grid, vote)
 from napari_cytoclip.allen import default_data_dir  # noqa: E402
 
@@ -173,7 +173,7 @@ def test_labels_from_index_and_similarity_grid():
 # ------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     return load_model(tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny").path, device="cpu")
 
@@ -188,7 +188,7 @@ def crop_section():
     from PIL import Image
 
     from napari_cytoclip import allen
-    from napari_cytoclip.sections import section_from_array
+    from napari_cytoclip.io.sections import section_from_array
 
     plate = next(p for p in allen.plates() if p.number == 41)
     with Image.open(plate.image) as im:
@@ -241,7 +241,7 @@ def run(gen):
 
 @pytest.fixture(scope="module")
 def streamed(crop_section, tiny_model):
-    from napari_cytoclip.predict import predict_iter
+    from napari_cytoclip.inference.predict import predict_iter
 
     return run(predict_iter(crop_section, tiny_model, batch_size=7))
 
@@ -280,7 +280,7 @@ def test_prediction_labels_are_zero_exactly_outside_encoded_cells(streamed, crop
 def test_same_prediction_for_any_batch_size(crop_section, tiny_model):
     """Tiling invariance end to end: reading, prefetching, ordering and voting do not depend on the batch
     size (the image tower is replaced by a batch-independent one to compare bit for bit)."""
-    from napari_cytoclip.predict import predict_iter, predict_section
+    from napari_cytoclip.inference.predict import predict_iter, predict_section
 
     results, pred7 = run(predict_iter(crop_section, PixelProbe(tiny_model), batch_size=7))
     pred64 = predict_section(crop_section, PixelProbe(tiny_model), batch_size=64)
@@ -295,7 +295,7 @@ def test_same_prediction_for_any_batch_size(crop_section, tiny_model):
 
 def test_batched_model_agrees_across_batch_sizes(streamed, crop_section, tiny_model):
     """With the real (batched) model only float rounding (BLAS blocking) may differ between batch sizes."""
-    from napari_cytoclip.predict import predict_section
+    from napari_cytoclip.inference.predict import predict_section
 
     _, ref = streamed
     p = predict_section(crop_section, tiny_model, batch_size=64)
@@ -305,7 +305,7 @@ def test_batched_model_agrees_across_batch_sizes(streamed, crop_section, tiny_mo
 
 
 def test_closing_the_generator_stops_the_work(crop_section, tiny_model):
-    from napari_cytoclip.predict import predict_iter
+    from napari_cytoclip.inference.predict import predict_iter
 
     model = PerWindow(tiny_model)
     gen = predict_iter(crop_section, model, batch_size=4)
@@ -322,7 +322,7 @@ def test_closing_the_generator_stops_the_work(crop_section, tiny_model):
 
 def test_predict_section_cancel_raises(crop_section, tiny_model):
     from napari_cytoclip.errors import Cancelled
-    from napari_cytoclip.predict import predict_section
+    from napari_cytoclip.inference.predict import predict_section
 
     seen = []
     with pytest.raises(Cancelled):

@@ -16,10 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import TINY_CONFIG, tiny_bundle  # noqa: E402
 
-from napari_cytoclip.bundle import (BUNDLE_JSON, BUNDLE_WEIGHTS, default_bundle_path, load_bundle,  # noqa: E402
+from napari_cytoclip.models.bundle import (BUNDLE_JSON, BUNDLE_WEIGHTS, default_bundle_path, load_bundle,  # noqa: E402
                                     load_regions_csv)
 from napari_cytoclip.errors import BundleError  # noqa: E402
-from napari_cytoclip.model import (load_checkpoint_model, load_model, pick_device,  # noqa: E402
+from napari_cytoclip.models.model import (load_checkpoint_model, load_model, pick_device,  # noqa: E402
                                    read_state_dict)
 
 
@@ -354,10 +354,10 @@ def test_shipped_architecture_builds_offline_with_imagenet_trunk(monkeypatch):
     """EfficientNet-Lite0 (ImageNet weights from a package) + MiniLM text tower (from a package): no hub."""
     import torch
 
-    from napari_cytoclip.architectures import MINILM_TEXT_TOWER, efficientnet_minilm, imagenet_efficientnet_lite0_state
-    from napari_cytoclip.bundle import InputSpec, ModelBundle
-    from napari_cytoclip.model import build_open_clip
-    from napari_cytoclip.vocabularies import allen_mouse_regions
+    from napari_cytoclip.models.architectures import MINILM_TEXT_TOWER, efficientnet_minilm, imagenet_efficientnet_lite0_state
+    from napari_cytoclip.models.bundle import InputSpec, ModelBundle
+    from napari_cytoclip.models.model import build_open_clip
+    from napari_cytoclip.models.vocabularies import allen_mouse_regions
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -393,7 +393,7 @@ def test_shipped_bundle_loads_and_encodes():
 
 
 def test_region_ids_integral_accepted_fractional_refused():
-    from napari_cytoclip.bundle import region_from_dict
+    from napari_cytoclip.models.bundle import region_from_dict
 
     for value in (4, 4.0, "4", " 4 "):
         assert region_from_dict({"id": value, "name": "x"}, "src").id == 4

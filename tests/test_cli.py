@@ -10,7 +10,7 @@ import tifffile
 from helpers import allen_plate, tiny_bundle
 
 from napari_cytoclip.cli import main
-from napari_cytoclip.pairs import read_pairs
+from napari_cytoclip.teach.pairs import read_pairs
 
 PLATE = 41
 FILES = {"labels.tif", "confidence.tif", "prediction.json", "regions.csv", "annotations.geojson", "cache",

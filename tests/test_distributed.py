@@ -103,7 +103,7 @@ def test_cli_scheduler_local_2_matches_plain_cli(data, tmp_path, capsys):
 
 def test_cli_scheduler_matches_single_process(data, client, tmp_path, monkeypatch, capsys):
     """``predict --scheduler ADDRESS`` writes the same folders as the plain CLI, with one section split."""
-    from napari_cytoclip import distributed as dist
+    from napari_cytoclip.inference import distributed as dist
     from napari_cytoclip.cli import main
 
     root, model, big, small = data
@@ -137,7 +137,7 @@ def test_cli_scheduler_matches_single_process(data, client, tmp_path, monkeypatc
 
 
 def test_predict_many_local_scheduler_refuses_existing_and_reports_failures(data, client, tmp_path):
-    from napari_cytoclip.distributed import predict_many
+    from napari_cytoclip.inference.distributed import predict_many
     from napari_cytoclip.errors import OutputError, SectionError
 
     root, model, big, small = data
@@ -154,10 +154,10 @@ def test_predict_many_local_scheduler_refuses_existing_and_reports_failures(data
 
 def test_huge_section_chunks_equal_predict_section(client, tmp_path):
     """The shipped model: chunks of cells on two workers == one process (labels, confidence, embeddings)."""
-    from napari_cytoclip.distributed import predict_section_distributed
-    from napari_cytoclip.model import load_model
-    from napari_cytoclip.predict import predict_section
-    from napari_cytoclip.sections import open_section
+    from napari_cytoclip.inference.distributed import predict_section_distributed
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import open_section
 
     path = plate_tiff(tmp_path, 55, box=(150, 850, 100, 800), name="crop55")
     model = load_model(None, device="cpu")

@@ -10,17 +10,17 @@ from PIL import Image
 from helpers import allen_plate, tiny_bundle
 
 from napari_cytoclip.errors import CytoclipError, OutputError
-from napari_cytoclip.evaluate import evaluate, evaluate_allen_split, pixel_confusion
-from napari_cytoclip.grid import TileGrid
-from napari_cytoclip.outputs import upsample_rows
-from napari_cytoclip.vocabularies import ALLEN_PARAPHRASES
+from napari_cytoclip.teach.evaluate import evaluate, evaluate_allen_split, pixel_confusion
+from napari_cytoclip.inference.grid import TileGrid
+from napari_cytoclip.outputs.prediction_folder import upsample_rows
+from napari_cytoclip.models.vocabularies import ALLEN_PARAPHRASES
 
 TEST_PLATES = (40, 45)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     return load_model(tiny_bundle(tmp_path_factory.mktemp("model") / "tiny"), device="cpu", precision="fp32")
 

@@ -22,7 +22,7 @@ MIN_AGREEMENT = 0.995
 
 @pytest.fixture(scope="module")
 def fp32_model():
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     return load_model(None, device="cpu", precision="fp32")
 
@@ -32,8 +32,8 @@ def windows(fp32_model):
     """uint8 model inputs of the tissue tiles of both plates, read once."""
     from helpers import allen_plate
 
-    from napari_cytoclip.predict import plan_grid
-    from napari_cytoclip.windows import WindowReader
+    from napari_cytoclip.inference.predict import plan_grid
+    from napari_cytoclip.inference.windows import WindowReader
 
     out = []
     for n in PLATES:
@@ -67,7 +67,7 @@ def encode(model, windows: np.ndarray, batch: int = 128) -> np.ndarray:
 
 
 def labels_of(model, embeddings: np.ndarray) -> np.ndarray:
-    from napari_cytoclip.aggregate import region_probabilities
+    from napari_cytoclip.inference.aggregate import region_probabilities
 
     return region_probabilities(embeddings, model.region_embeddings(), model.logit_scale).argmax(1)
 
@@ -90,7 +90,7 @@ def test_channels_last_cpu_default_agrees(fp32_model, windows, reference):
 
 
 def test_auto_bf16_where_enabled_agrees(windows, reference, fp32_model):
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     auto = load_model(None, device="cpu", precision="auto")
     if auto.precision != "bf16":
@@ -104,7 +104,7 @@ def test_auto_bf16_where_enabled_agrees(windows, reference, fp32_model):
 def test_cuda_mixed_precision_agrees(windows, reference, fp32_model):
     import torch
 
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
@@ -134,9 +134,9 @@ def test_kept_bands_give_the_windows_of_fresh_reads(tmp_path, fp32_model, monkey
     from PIL import Image
 
     from helpers import allen_plate
-    from napari_cytoclip import windows as windows_module
-    from napari_cytoclip.predict import plan_grid
-    from napari_cytoclip.sections import open_section
+    from napari_cytoclip.inference import windows as windows_module
+    from napari_cytoclip.inference.predict import plan_grid
+    from napari_cytoclip.io.sections import open_section
 
     plate = allen_plate(40)
     with Image.open(plate.image) as im:

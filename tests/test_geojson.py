@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from napari_cytoclip.errors import CytoclipError
-from napari_cytoclip.geojson import geojson_to_labels, labels_to_geojson, write_geojson
+from napari_cytoclip.outputs.geojson import geojson_to_labels, labels_to_geojson, write_geojson
 
 REGIONS = [{"id": i, "name": f"r{i}", "acronym": f"A{i}", "color": "#102030"} for i in range(1, 6)]
 

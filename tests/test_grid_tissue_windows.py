@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from napari_cytoclip.allen import default_data_dir
-from napari_cytoclip.bundle import InputSpec
-from napari_cytoclip.grid import TileGrid
-from napari_cytoclip.sections import PixelSizeWarning, section_from_array
-from napari_cytoclip.tissue import detect_polarity, tissue_mask
-from napari_cytoclip.windows import WindowReader
+from napari_cytoclip.models.bundle import InputSpec
+from napari_cytoclip.inference.grid import TileGrid
+from napari_cytoclip.io.sections import PixelSizeWarning, section_from_array
+from napari_cytoclip.io.tissue import detect_polarity, tissue_mask
+from napari_cytoclip.inference.windows import WindowReader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

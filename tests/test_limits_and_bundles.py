@@ -20,11 +20,11 @@ import tifffile
 
 from helpers import tiny_bundle
 
-from napari_cytoclip.bundle import (BUNDLE_JSON, Region, bundle_from_json, default_bundle_path,
+from napari_cytoclip.models.bundle import (BUNDLE_JSON, Region, bundle_from_json, default_bundle_path,
                                     load_bundle, read_json, resolve_text_tower)
 from napari_cytoclip.cli import main
 from napari_cytoclip.errors import BundleError, CacheMismatch, SectionError
-from napari_cytoclip.grid import MAX_GRID_CELLS, PlanTooLarge, TileGrid
+from napari_cytoclip.inference.grid import MAX_GRID_CELLS, PlanTooLarge, TileGrid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -121,7 +121,7 @@ TEXT_TOWER_CASES = [  # (id, text_tower given the towers fixture, refusal)
 
 @pytest.mark.parametrize("case", TEXT_TOWER_CASES, ids=[c[0] for c in TEXT_TOWER_CASES])
 def test_a_bundle_never_runs_text_tower_code(case, towers, tiny_dir, tmp_path):
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     _, make, pattern = case
     folder = tmp_path / "bundle"
@@ -139,7 +139,7 @@ def test_a_bundle_never_runs_text_tower_code(case, towers, tiny_dir, tmp_path):
 def test_transformers_is_asked_to_refuse_custom_code(towers, tmp_path):
     """The second guard: the config is read with trust_remote_code=False, from the folder only. A known
     model type is read by transformers' own class (the auto_map is ignored); an unknown one is refused."""
-    from napari_cytoclip.model import _probe_text_config
+    from napari_cytoclip.models.model import _probe_text_config
 
     _probe_text_config(towers.pkg / "code", "bundle")
     unknown = tmp_path / "unknown_type"
@@ -170,10 +170,10 @@ def test_the_shipped_text_tower_loads_locally_without_offline_variables(tmp_path
     """No HF_HUB_OFFLINE in the environment and an unreachable hub: the text tower still loads (it is
     read from its folder), and loading sets no process-wide variable."""
     code = ("import os\n"
-            "from napari_cytoclip.architectures import MINILM_TEXT_TOWER, efficientnet_minilm\n"
-            "from napari_cytoclip.bundle import InputSpec, ModelBundle\n"
-            "from napari_cytoclip.model import build_open_clip\n"
-            "from napari_cytoclip.vocabularies import allen_mouse_regions\n"
+            "from napari_cytoclip.models.architectures import MINILM_TEXT_TOWER, efficientnet_minilm\n"
+            "from napari_cytoclip.models.bundle import InputSpec, ModelBundle\n"
+            "from napari_cytoclip.models.model import build_open_clip\n"
+            "from napari_cytoclip.models.vocabularies import allen_mouse_regions\n"
             "b = ModelBundle(name='t', architecture=efficientnet_minilm(), input=InputSpec(64, (320.0,)),\n"
             "                regions=allen_mouse_regions(), label_um=200.0, stride_um=100.0,\n"
             "                text_tower=MINILM_TEXT_TOWER)\n"
@@ -246,7 +246,7 @@ def test_logit_scale_from_the_weights_is_checked(log_scale, ok, tiny_dir, tmp_pa
     import torch
     from safetensors.torch import load_file, save_file
 
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     folder = tmp_path / "bundle"
     shutil.copytree(tiny_dir, folder)
@@ -283,7 +283,7 @@ DPI_CASES = [  # (id, suffix, (resolution, unit) or PNG dpi, expected pixel size
 def test_screen_resolutions_are_an_unknown_pixel_size(case, tmp_path):
     from PIL import Image
 
-    from napari_cytoclip.sections import PixelSizeWarning, open_section
+    from napari_cytoclip.io.sections import PixelSizeWarning, open_section
 
     _, suffix, res, expected = case
     path = tmp_path / f"image{suffix}"
@@ -378,8 +378,8 @@ PLAN_CASES = [  # (id, image shape, pixel size, stride, batch, regions, refusal 
 
 @pytest.mark.parametrize("case", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
 def test_runs_planning_absurd_memory_are_refused(case):
-    from napari_cytoclip.predict import MAX_PLAN_BYTES, check_plan
-    from napari_cytoclip.sections import section_from_array
+    from napari_cytoclip.inference.predict import MAX_PLAN_BYTES, check_plan
+    from napari_cytoclip.io.sections import section_from_array
 
     _, shape, px, stride, batch, regions, hint = case
     section = section_from_array(np.broadcast_to(np.uint8(200), shape), px, name="slide")  # no memory
@@ -409,7 +409,7 @@ VOTE_CASES = [  # (grid shape, radius): both voting paths agree; absurd radii fi
 
 @pytest.mark.parametrize("shape, radius", VOTE_CASES)
 def test_wide_footprints_vote_by_box_sums(shape, radius, monkeypatch):
-    from napari_cytoclip import aggregate
+    from napari_cytoclip.inference import aggregate
 
     rng = np.random.default_rng(radius)
     cells = np.argwhere(rng.random(shape) < 0.6).astype(np.int32)
@@ -426,7 +426,7 @@ def test_wide_footprints_vote_by_box_sums(shape, radius, monkeypatch):
 @pytest.mark.parametrize("label_um", [1e6, 1e12, 1e300])
 def test_an_absurd_label_size_votes_in_bounded_work(label_um):
     """A cached or hand-made label size of a kilometre must not loop for ever: the footprint is the grid."""
-    from napari_cytoclip.aggregate import footprint_radius, vote
+    from napari_cytoclip.inference.aggregate import footprint_radius, vote
 
     shape = (60, 80)
     cells = np.argwhere(np.ones(shape, bool)).astype(np.int32)
@@ -471,7 +471,7 @@ SHARED_BLOB_CASES = [  # (height, width, refused)
 
 @pytest.mark.parametrize("height, width, refused", SHARED_BLOB_CASES)
 def test_a_header_of_shared_tiles_is_refused_before_decoding_it(height, width, refused, tmp_path):
-    from napari_cytoclip.sections import open_section
+    from napari_cytoclip.io.sections import open_section
 
     path = shared_blob_tiff(tmp_path / "crafted.tif", height, width)
     section = open_section(path, pixel_size_um=1.0)
@@ -513,7 +513,7 @@ def _write_json_case(path: Path, content: bytes | None) -> None:
 
 @pytest.mark.parametrize("case", JSON_CASES, ids=[c[0] for c in JSON_CASES])
 def test_hostile_json_is_one_error_naming_the_file(case, tiny_dir, tmp_path):
-    from napari_cytoclip.cache import CacheError, is_cache, load_prediction
+    from napari_cytoclip.inference.cache import CacheError, is_cache, load_prediction
 
     _, content, pattern = case
     folder = tmp_path / "bundle"
@@ -545,10 +545,10 @@ def test_cli_with_a_deeply_nested_bundle_says_one_line(capsys, tiny_dir, tmp_pat
 # --------------------------------------------------------------- 9. the grid a prediction actually uses
 @pytest.fixture(scope="module")
 def predicted(tiny_dir, tmp_path_factory):
-    from napari_cytoclip.model import load_model
-    from napari_cytoclip.outputs import write_prediction_folder
-    from napari_cytoclip.predict import predict_section
-    from napari_cytoclip.sections import open_section
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import open_section
 
     root = tmp_path_factory.mktemp("predicted")
     image = root / "section.tif"
@@ -579,8 +579,8 @@ GRID_EDIT_CASES = [  # (id, edit of cache/prediction.json, error on load, error 
 
 @pytest.mark.parametrize("case", GRID_EDIT_CASES, ids=[c[0] for c in GRID_EDIT_CASES])
 def test_an_edited_grid_is_refused(case, predicted, tiny_dir, tmp_path):
-    from napari_cytoclip.cache import CacheError, expected_signature, load_prediction
-    from napari_cytoclip.sections import open_section
+    from napari_cytoclip.inference.cache import CacheError, expected_signature, load_prediction
+    from napari_cytoclip.io.sections import open_section
 
     _, edit, on_load, on_check = case
     results = tmp_path / "results"
@@ -648,8 +648,8 @@ def test_explicit_invalid_values_are_errors(flags, pattern, capsys, tiny_dir, tm
 
 @pytest.mark.parametrize("stride", [0.0, -1.0, float("nan"), float("inf")])
 def test_plan_grid_refuses_an_explicit_invalid_stride(stride):
-    from napari_cytoclip.predict import plan_grid
-    from napari_cytoclip.sections import section_from_array
+    from napari_cytoclip.inference.predict import plan_grid
+    from napari_cytoclip.io.sections import section_from_array
 
     section = section_from_array(tissue(), 5.0)
     with pytest.raises(ValueError, match="stride must be a positive"):
@@ -666,8 +666,8 @@ def test_export_pairs_refuses_pixel_size_zero(predicted, tiny_dir, tmp_path, cap
 
 @pytest.mark.parametrize("shape, value", [((400, 500), 230), ((400, 500), 0), ((300, 300), 255)])
 def test_a_section_without_tissue_says_so(shape, value, capsys, tiny_dir, tmp_path):
-    from napari_cytoclip.predict import NoTissueWarning, plan_grid
-    from napari_cytoclip.sections import section_from_array
+    from napari_cytoclip.inference.predict import NoTissueWarning, plan_grid
+    from napari_cytoclip.io.sections import section_from_array
 
     with pytest.warns(NoTissueWarning, match="no tissue"):
         grid, cells, _ = plan_grid(section_from_array(np.full(shape, value, np.uint8), 5.0, name="blank"), _shim())

@@ -18,10 +18,10 @@ from PIL import Image
 
 from helpers import allen_plate, tiny_bundle
 
-from napari_cytoclip.bundle import BUNDLE_JSON, BUNDLE_WEIGHTS, load_bundle
+from napari_cytoclip.models.bundle import BUNDLE_JSON, BUNDLE_WEIGHTS, load_bundle
 from napari_cytoclip.cli import main
-from napari_cytoclip.model import load_model, read_state_dict
-from napari_cytoclip.pairs import read_pairs
+from napari_cytoclip.models.model import load_model, read_state_dict
+from napari_cytoclip.teach.pairs import read_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loop  # noqa: E402  (benchmarks/loop.py)

@@ -1,7 +1,7 @@
 """Metrics against hand-computed values."""
 import numpy as np
 
-from napari_cytoclip.metrics import (confusion_matrix, plot_confusion, plot_f1_bars, precision_at_k,
+from napari_cytoclip.teach.metrics import (confusion_matrix, plot_confusion, plot_f1_bars, precision_at_k,
                                      scores_from_confusion, top_fraction_precision)
 
 

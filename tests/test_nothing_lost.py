@@ -29,7 +29,7 @@ from helpers import tiny_bundle
 
 from napari_cytoclip import cli
 from napari_cytoclip.errors import Cancelled, CytoclipError, OutputError
-from napari_cytoclip.io_utils import MARKER
+from napari_cytoclip.io.safe_files import MARKER
 
 PX = 20.0
 STRIDE = 400.0
@@ -242,7 +242,7 @@ def test_predict_overwrite_replaces_its_own_results(base, tmp_path, capsys):
     assert cli.main(["predict", str(base["image"]), "--out", str(tmp_path / "out"), *common, "--overwrite"]) == 0
     assert cli.main(["predict", str(base["image"]), "--out", str(tmp_path / "empty"), *common, "--overwrite"]) == 0
     capsys.readouterr()
-    from napari_cytoclip.io_utils import foreign_entries
+    from napari_cytoclip.io.safe_files import foreign_entries
 
     for folder in (target, tmp_path / "empty" / "small"):
         assert (folder / "prediction.json").is_file() and foreign_entries(folder) == []
@@ -327,7 +327,7 @@ def test_export_again_into_its_own_folder(base, tmp_path, capsys):
 
 
 def test_a_tile_of_another_content_is_never_replaced(tmp_path):
-    from napari_cytoclip.pairs import Pair, pair_name, write_pairs
+    from napari_cytoclip.teach.pairs import Pair, pair_name, write_pairs
 
     img = np.full((8, 8, 3), 7, np.uint8)
     tile = tmp_path / "pairs" / "tiles" / f"{pair_name(img, 'x')}.png"
@@ -472,7 +472,7 @@ def test_train_reads_only_regular_files_inside_the_pair_folder(base, tmp_path, c
 
 
 def test_pair_folder_reading_accepts_a_clean_folder(base, tmp_path):
-    from napari_cytoclip.pairs import load_pair_images, read_pairs
+    from napari_cytoclip.teach.pairs import load_pair_images, read_pairs
 
     folder = pair_folder(base, tmp_path)
     files, captions, records = read_pairs(folder)
@@ -483,7 +483,7 @@ def test_pair_folder_reading_accepts_a_clean_folder(base, tmp_path):
 # ------------------------------------------------------------------------------------------ fine-tune checkpoint
 def test_cancelled_finetune_keeps_a_checkpoint_folder_it_did_not_create(base, tmp_path):
     """Cancel removes only what the run created: a pre-existing ``<out>.ckpt`` of the user's stays."""
-    from napari_cytoclip.train import TrainConfig
+    from napari_cytoclip.teach.train import TrainConfig
     from napari_cytoclip.widgets.export_widget import remove_checkpoint, training_steps
 
     pairs = pair_folder(base, tmp_path)

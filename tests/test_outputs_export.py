@@ -10,13 +10,13 @@ import tifffile
 
 from helpers import cropped_plate_section, tiny_bundle
 
-from napari_cytoclip import cache as cache_mod
-from napari_cytoclip.cache import expected_signature, load_prediction, save_prediction
+from napari_cytoclip.inference import cache as cache_mod
+from napari_cytoclip.inference.cache import expected_signature, load_prediction, save_prediction
 from napari_cytoclip.errors import CacheMismatch, CytoclipError, OutputError
-from napari_cytoclip.export import export_corrections, labels_on_grid, read_label_grid
-from napari_cytoclip.grid import TileGrid
-from napari_cytoclip.outputs import read_grid_metadata, upsample_rows, write_prediction_folder
-from napari_cytoclip.pairs import read_pairs
+from napari_cytoclip.teach.export import export_corrections, labels_on_grid, read_label_grid
+from napari_cytoclip.inference.grid import TileGrid
+from napari_cytoclip.outputs.prediction_folder import read_grid_metadata, upsample_rows, write_prediction_folder
+from napari_cytoclip.teach.pairs import read_pairs
 
 PLATE = 41  # a training plate
 BOX = (250, 700, 250, 800)  # crop (y0, y1, x0, x1) of the plate, for speed
@@ -24,8 +24,8 @@ BOX = (250, 700, 250, 800)  # crop (y0, y1, x0, x1) of the plate, for speed
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from napari_cytoclip.model import load_model
-    from napari_cytoclip.predict import predict_section
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.inference.predict import predict_section
 
     bundle = tiny_bundle(tmp_path_factory.mktemp("model") / "tiny")
     model = load_model(bundle, device="cpu", precision="fp32")
@@ -251,7 +251,7 @@ def test_read_label_grid_errors(setup, tmp_path):
 def test_fullres_labels_stream_in_bounded_memory(tmp_path):
     import tracemalloc
 
-    from napari_cytoclip.outputs import write_fullres_labels
+    from napari_cytoclip.outputs.prediction_folder import write_fullres_labels
 
     shape = (4000, 5000)  # 40 MB as one uint16 array
     grid = TileGrid.covering(shape, 2.0, 100.0)

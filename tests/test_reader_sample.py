@@ -17,7 +17,7 @@ SHARED_PLATES = Path("/work/shared/data/allen_ara_coronal_nissl_plates")
 def plate_image() -> np.ndarray:
     from PIL import Image
 
-    from napari_cytoclip.sample_data import SAMPLE_DIR
+    from napari_cytoclip.io.sample_data import SAMPLE_DIR
 
     with Image.open(SAMPLE_DIR / "plate_41.jpg") as im:
         return np.asarray(im.convert("L"))
@@ -70,7 +70,7 @@ def test_widgets_listed_in_napari_menus():
 # ----------------------------------------------------------------------------------- sample
 def test_sample_plate_41_is_whole_training_plate():
     from napari_cytoclip.allen import split_of
-    from napari_cytoclip.sample_data import SAMPLE_DIR, allen_plate_41, plate_41_info
+    from napari_cytoclip.io.sample_data import SAMPLE_DIR, allen_plate_41, plate_41_info
 
     info = plate_41_info()
     assert info["plate"] == 41 and 41 % 5 != 0 and split_of(41) == "train"
@@ -111,7 +111,7 @@ def test_open_sample_in_viewer(make_napari_viewer, qtbot, tmp_path_factory):
 def test_reader_opens_pyramid_lazily(tmp_path, make_napari_viewer):
     import dask.array as da
 
-    from napari_cytoclip.reader import napari_get_reader
+    from napari_cytoclip.io.reader import napari_get_reader
 
     path = tmp_path / "plate41.ome.tif"
     write_pyramid(path, plate_image(), 7.17)
@@ -133,7 +133,7 @@ def test_reader_opens_pyramid_lazily(tmp_path, make_napari_viewer):
 def test_reader_plain_rgb_and_svs(tmp_path):
     import tifffile
 
-    from napari_cytoclip.reader import napari_get_reader
+    from napari_cytoclip.io.reader import napari_get_reader
 
     plain = tmp_path / "small.tif"
     tifffile.imwrite(plain, plate_image()[:200, :300])
@@ -163,7 +163,7 @@ def test_reader_declines_what_it_should_not_claim(tmp_path):
     import tifffile
     from PIL import Image
 
-    from napari_cytoclip.reader import napari_get_reader
+    from napari_cytoclip.io.reader import napari_get_reader
 
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.zeros((5, 64, 64), np.uint16), metadata={"axes": "ZYX"})
@@ -180,7 +180,7 @@ def test_reader_declines_what_it_should_not_claim(tmp_path):
 def test_reader_adds_overviews_to_large_flat_images(tmp_path, monkeypatch):
     import tifffile
 
-    from napari_cytoclip import reader
+    from napari_cytoclip.io import reader
 
     monkeypatch.setattr(reader, "PYRAMID_ABOVE", 512)
     monkeypatch.setattr(reader, "OVERVIEW_SIDE", 128)
@@ -192,7 +192,7 @@ def test_reader_adds_overviews_to_large_flat_images(tmp_path, monkeypatch):
 
 
 def test_sample_json_is_small_and_documented():
-    from napari_cytoclip.sample_data import SAMPLE_DIR
+    from napari_cytoclip.io.sample_data import SAMPLE_DIR
 
     files = {p.name: p.stat().st_size for p in SAMPLE_DIR.iterdir()}
     assert set(files) == {"plate_41.jpg", "plate_41_labels.png", "plate_41.json"}

@@ -45,7 +45,7 @@ _LOADED: dict = {}
 @pytest.fixture
 def shared_models(monkeypatch, tiny_dir):
     """Widgets loading the tiny model get one shared instance (its prompt embeddings computed once)."""
-    import napari_cytoclip.model as model_mod
+    import napari_cytoclip.models.model as model_mod
 
     real = model_mod.load_model
 
@@ -205,7 +205,7 @@ WIDGET_CASES = {
 
 @pytest.mark.parametrize("case", [pytest.param(k, marks=[pytest.mark.xfail(strict=True, reason=v[3])] if v[3] else [])
                                   for k, v in WIDGET_CASES.items()])
-@pytest.mark.filterwarnings("ignore::napari_cytoclip.sections.PixelSizeWarning")  # shown as a notification
+@pytest.mark.filterwarnings("ignore::napari_cytoclip.io.sections.PixelSizeWarning")  # shown as a notification
 def test_widget_bad_input_catalogue(case, viewer_model, qtbot, tiny_dir, tmp_path, notes, shared_models):
     """Each bad input: a notification naming the problem, no leftover layer, and the next good run works."""
     setup, level, pattern, _ = WIDGET_CASES[case]
@@ -248,9 +248,9 @@ def test_widget_bad_input_catalogue(case, viewer_model, qtbot, tiny_dir, tmp_pat
 # ------------------------------------------------------------------------------------------ two at once
 def test_two_predictions_at_once_do_not_mix(viewer_model, qtbot, tiny_dir, notes, monkeypatch):
     """Two Predict widgets run at the same time on two images; each layer gets exactly its own result."""
-    from napari_cytoclip.model import CytoClip, load_model
-    from napari_cytoclip.predict import predict_section
-    from napari_cytoclip.sections import section_from_array
+    from napari_cytoclip.models.model import CytoClip, load_model
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import section_from_array
     from napari_cytoclip.widgets.state import state_of
 
     real = CytoClip.encode_windows
@@ -299,7 +299,7 @@ def test_two_predictions_at_once_do_not_mix(viewer_model, qtbot, tiny_dir, notes
 @pytest.fixture
 def slow_training(monkeypatch):
     """Each fine-tuning step takes at least 0.1 s, so a run can be caught in the middle."""
-    import napari_cytoclip.train as train_mod
+    import napari_cytoclip.teach.train as train_mod
 
     real = train_mod.augment
 
@@ -333,7 +333,7 @@ def predicted_and_exported(viewer, tiny_dir, out: Path, n_corrected: int = 20):
 
 
 def test_export_can_be_cancelled_and_rerun(viewer_model, qtbot, tiny_dir, tmp_path, monkeypatch, shared_models):
-    from napari_cytoclip.pairs import read_pairs
+    from napari_cytoclip.teach.pairs import read_pairs
 
     out = tmp_path / "export"
     viewer, widget, export, state = predicted_and_exported(viewer_model, tiny_dir, out)
@@ -342,7 +342,7 @@ def test_export_can_be_cancelled_and_rerun(viewer_model, qtbot, tiny_dir, tmp_pa
     for r, c in state.prediction.cells[20:60]:
         labels.data[r, c] = 12 if labels.data[r, c] != 12 else 2
     labels.refresh()
-    import napari_cytoclip.pairs as pairs_mod
+    import napari_cytoclip.teach.pairs as pairs_mod
 
     real = pairs_mod.encode_png
     monkeypatch.setattr(pairs_mod, "encode_png", lambda image: (time.sleep(0.05), real(image))[1])
@@ -389,7 +389,7 @@ def test_closing_the_viewer_while_finetuning(make_napari_viewer, qtbot, tiny_dir
     """The viewer closes under a running fine-tune: nothing raises in the Qt event loop, nothing is left half-done."""
     import threading
 
-    from napari_cytoclip.bundle import load_bundle
+    from napari_cytoclip.models.bundle import load_bundle
 
     monkeypatch.setattr("napari_cytoclip.widgets.export_widget.MIN_STEPS_PER_EPOCH", 3)
     out = tmp_path / "export"
@@ -410,7 +410,7 @@ def test_closing_the_viewer_while_finetuning(make_napari_viewer, qtbot, tiny_dir
 
 def _slow_export(monkeypatch, delay: float = 0.05) -> None:
     """Each exported tile takes at least ``delay`` s, so an export can be caught in the middle."""
-    import napari_cytoclip.pairs as pairs_mod
+    import napari_cytoclip.teach.pairs as pairs_mod
 
     real = pairs_mod.encode_png
     monkeypatch.setattr(pairs_mod, "encode_png", lambda image: (time.sleep(delay), real(image))[1])
@@ -425,7 +425,7 @@ def _repaint(state, cells, label: int, other: int) -> None:
 
 def _pair_folder_whole(folder: Path) -> int:
     """Every listed pair's tile exists and is listed once; returns how many pairs there are."""
-    from napari_cytoclip.pairs import read_pairs
+    from napari_cytoclip.teach.pairs import read_pairs
 
     files, captions, records = read_pairs(folder)
     assert all(f.is_file() for f in files) and len(set(files)) == len(files)
@@ -476,9 +476,9 @@ def test_closing_the_viewer_during_an_export(make_napari_viewer, qtbot, tiny_dir
 
 def test_stack_layer_predicts_the_plane_the_viewer_shows(viewer_model, qtbot, tiny_dir, shared_models, notes):
     """A stack is predicted one plane at a time: the viewer's current slice; another slice, another layer."""
-    from napari_cytoclip.model import load_model
-    from napari_cytoclip.predict import predict_section
-    from napari_cytoclip.sections import section_from_array
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import section_from_array
 
     viewer = viewer_model
     planes = [tissue(seed=k) for k in range(3)]

@@ -33,7 +33,7 @@ from helpers import tiny_bundle
 
 from napari_cytoclip import cli
 from napari_cytoclip.errors import CytoclipError, SectionError
-from napari_cytoclip.sections import PLAUSIBLE_PIXEL_UM, PixelSizeWarning, Section, open_section
+from napari_cytoclip.io.sections import PLAUSIBLE_PIXEL_UM, PixelSizeWarning, Section, open_section
 
 PX = 5.0  # micrometres per pixel of the synthetic sections: 100 x 120 px = 500 x 600 um, a 5 x 6 grid
 MAX_READ_PX = 64_000_000  # a read larger than this would be a memory blow-up: fail instead of swapping
@@ -47,7 +47,7 @@ def bundle_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(bundle_dir):
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     return load_model(bundle_dir, device="cpu", precision="fp32")
 
@@ -257,7 +257,7 @@ IMAGE_CASES = [
     ImageCase("huge_tiff_header", huge_header_tiff, r"cannot be decoded|too large|larger"),
     ImageCase("huge_png_header", write_bytes("bomb.png", png_header(100_000, 100_000)), r"larger than"),
     ImageCase("png_over_pixel_limit", write_pil("big.png", tissue(40, 40)), r"larger than",
-              patches=(("napari_cytoclip.sections", "MAX_PIL_PIXELS", 1000),)),
+              patches=(("napari_cytoclip.io.sections", "MAX_PIL_PIXELS", 1000),)),
     # stacks: refused with a hint, or the chosen plane
     ImageCase("stack_4d", write_tiff("tz.tif", stack(2, 3), metadata={"axes": "TZYX"}, **STACK),
               r"stack of 6 planes"),
@@ -324,7 +324,7 @@ def _apply(case: ImageCase, monkeypatch) -> None:
 
 def run_core(path: Path, model, pixel_size=PX, plane=None):
     """open_section + predict_section, as the library's users call them; the section is closed after."""
-    from napari_cytoclip.predict import predict_section
+    from napari_cytoclip.inference.predict import predict_section
 
     from PIL.Image import DecompressionBombWarning
 
@@ -520,7 +520,7 @@ def _pixel_params(which: str):
 
 @pytest.mark.parametrize("case", _pixel_params("core"))
 def test_pixel_size_catalogue_core(case, model, tmp_path):
-    from napari_cytoclip.predict import predict_section
+    from napari_cytoclip.inference.predict import predict_section
 
     path = case.build(tmp_path)
     with warnings.catch_warnings(record=True) as caught:

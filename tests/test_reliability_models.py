@@ -304,7 +304,7 @@ def make_case(case: BundleCase, tiny_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("case", _params("core"))
 def test_bundle_catalogue_core(case, tiny_dir, tmp_path):
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     folder = make_case(case, tiny_dir, tmp_path)
     if case.pattern is None:
@@ -327,7 +327,7 @@ def test_bundle_catalogue_core(case, tiny_dir, tmp_path):
 def quick_prompts(monkeypatch):
     """Region prompt embeddings as fixed random unit vectors: a bundle that loads then predicts without spending
     seconds on its prompts (the catalogue is about loading; the text tower is exercised by the core tests)."""
-    from napari_cytoclip.model import CytoClip
+    from napari_cytoclip.models.model import CytoClip
 
     def region_embeddings(self, regions=None):
         regions = self.regions if regions is None else regions
@@ -350,7 +350,7 @@ def test_bundle_catalogue_cli(case, tiny_dir, image, tmp_path, capsys, quick_pro
 
 def test_regions_csv_catalogue(tmp_path):
     """The regions CSV of plain open_clip checkpoints: the same rules, the same one-line errors."""
-    from napari_cytoclip.bundle import load_regions_csv
+    from napari_cytoclip.models.bundle import load_regions_csv
 
     cases = {
         "missing.csv": (None, r"not found"),
@@ -406,7 +406,7 @@ def evil_legacy(path: Path, marker: Path) -> Path:
 
 
 def small_pairs(folder: Path, n: int = 8) -> Path:
-    from napari_cytoclip.pairs import Pair, write_pairs
+    from napari_cytoclip.teach.pairs import Pair, write_pairs
 
     rng = np.random.default_rng(0)
     write_pairs(folder, [Pair(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), f"a tile of region {k % 2 + 1}",
@@ -415,14 +415,14 @@ def small_pairs(folder: Path, n: int = 8) -> Path:
 
 
 def _read_state_dict(tmp, marker, writer):
-    from napari_cytoclip.model import read_state_dict
+    from napari_cytoclip.models.model import read_state_dict
 
     path = writer(tmp / "checkpoint.pt", marker)
     return path, lambda: read_state_dict(path)
 
 
 def _bundle_weights(tmp, marker, tiny_dir):
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
 
     folder = tmp / "bundle"
     shutil.copytree(tiny_dir, folder)
@@ -431,7 +431,7 @@ def _bundle_weights(tmp, marker, tiny_dir):
 
 
 def _checkpoint_model(tmp, marker):
-    from napari_cytoclip.model import load_checkpoint_model
+    from napari_cytoclip.models.model import load_checkpoint_model
 
     csv_path = tmp / "regions.csv"
     csv_path.write_text("id,name\n1,cortex\n2,striatum\n")
@@ -440,7 +440,7 @@ def _checkpoint_model(tmp, marker):
 
 
 def _cache(tmp, marker):
-    from napari_cytoclip.cache import CACHE_FORMAT, load_prediction
+    from napari_cytoclip.inference.cache import CACHE_FORMAT, load_prediction
 
     folder = tmp / "cache"
     folder.mkdir()
@@ -452,7 +452,7 @@ def _cache(tmp, marker):
 
 
 def _train(tmp, marker, tiny_dir, planted: str):
-    from napari_cytoclip.train import TrainConfig, train
+    from napari_cytoclip.teach.train import TrainConfig, train
 
     pairs = small_pairs(tmp / "pairs")
     out = tmp / "trained"

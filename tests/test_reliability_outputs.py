@@ -32,7 +32,7 @@ from helpers import tiny_bundle
 
 from napari_cytoclip import cli
 from napari_cytoclip.errors import CytoclipError, OutputError
-from napari_cytoclip.io_utils import MARKER
+from napari_cytoclip.io.safe_files import MARKER
 
 PX = 5.0
 
@@ -48,9 +48,9 @@ def tissue(h: int = 200, w: int = 240, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny model, a synthetic section (saved as a TIFF too) and its prediction."""
-    from napari_cytoclip.model import load_model
-    from napari_cytoclip.predict import predict_section
-    from napari_cytoclip.sections import open_section
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import open_section
 
     root = tmp_path_factory.mktemp("outputs")
     bundle_dir = tiny_bundle(root / "tiny").path
@@ -188,7 +188,7 @@ def matcher(name: str, inside_cache: bool | None = None):
 # ------------------------------------------------------------------------------------------ output folders
 def test_output_folder_catalogue(env, tmp_path, monkeypatch):
     """Results folders: existing (kept), a file in the way, a parent that is a file, no permission."""
-    from napari_cytoclip.outputs import write_prediction_folder
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
 
     section, pred = env["section"], env["prediction"]
     existing = tmp_path / "existing"
@@ -220,7 +220,7 @@ def test_output_folder_catalogue(env, tmp_path, monkeypatch):
 
 
 def test_export_folder_catalogue(env, tmp_path):
-    from napari_cytoclip.export import export_corrections
+    from napari_cytoclip.teach.export import export_corrections
 
     section, pred, bundle = env["section"], env["prediction"], env["bundle"]
     edited = corrections(pred, 0, 4)
@@ -267,7 +267,7 @@ RESULT_PHASES = {
 @pytest.mark.parametrize("phase", list(RESULT_PHASES))
 def test_results_folder_fault_midway(env, tmp_path, disk, phase, fault):
     """A fault in the middle of any file of a new results folder: no folder at all, no temp left."""
-    from napari_cytoclip.outputs import write_prediction_folder
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
 
     section, pred = env["section"], env["prediction"]
     disk.arm(None)
@@ -286,7 +286,7 @@ def test_results_folder_fault_midway(env, tmp_path, disk, phase, fault):
 @pytest.mark.parametrize("phase", list(RESULT_PHASES))
 def test_results_folder_overwrite_keeps_old_results_on_fault(env, tmp_path, disk, phase):
     """--overwrite with the disk filling up: the earlier results stay exactly as they were."""
-    from napari_cytoclip.outputs import write_prediction_folder
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
 
     section, pred = env["section"], env["prediction"]
     target = tmp_path / "res"
@@ -302,7 +302,7 @@ def test_results_folder_overwrite_keeps_old_results_on_fault(env, tmp_path, disk
 
 
 def test_disk_full_message_names_the_results_folder(env, tmp_path, disk):
-    from napari_cytoclip.outputs import write_prediction_folder
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
 
     disk.arm(1000)
     target = tmp_path / "res"
@@ -341,7 +341,7 @@ def valid_version(path: Path, grid_shape) -> None:
 
 
 def check_pairs_consistent(folder: Path) -> None:
-    from napari_cytoclip.pairs import read_pairs
+    from napari_cytoclip.teach.pairs import read_pairs
 
     files, captions, records = read_pairs(folder)
     assert len(files) == len(set(files)), "a pair is listed twice"
@@ -354,8 +354,8 @@ def check_pairs_consistent(folder: Path) -> None:
 @pytest.mark.parametrize("phase", list(EXPORT_PHASES))
 def test_export_fault_midway_keeps_earlier_export(env, tmp_path, disk, phase, fault):
     """A second export fails in the middle of one of its files: the first stays intact, a rerun finishes."""
-    from napari_cytoclip.export import export_corrections
-    from napari_cytoclip.pairs import read_pairs
+    from napari_cytoclip.teach.export import export_corrections
+    from napari_cytoclip.teach.pairs import read_pairs
 
     section, pred, bundle = env["section"], env["prediction"], env["bundle"]
     out = tmp_path / "export"
@@ -392,7 +392,7 @@ def test_export_fault_midway_keeps_earlier_export(env, tmp_path, disk, phase, fa
 
 
 def test_atomic_write_keeps_the_old_file_on_disk_full(tmp_path, disk):
-    from napari_cytoclip.io_utils import atomic_write_bytes
+    from napari_cytoclip.io.safe_files import atomic_write_bytes
 
     path = tmp_path / "notes.bin"
     path.write_bytes(b"old content")
@@ -406,8 +406,8 @@ def test_save_bundle_disk_full(env, tmp_path, monkeypatch):
     """A model bundle that cannot be written completely is not written at all, and the error names it."""
     import safetensors.torch
 
-    from napari_cytoclip.bundle import save_bundle
-    from napari_cytoclip.model import read_state_dict
+    from napari_cytoclip.models.bundle import save_bundle
+    from napari_cytoclip.models.model import read_state_dict
 
     real = safetensors.torch.save_file
 
@@ -431,7 +431,7 @@ def test_save_bundle_disk_full(env, tmp_path, monkeypatch):
 
 def test_cli_interrupt_mid_predict_keeps_finished_results(env, tmp_path, capsys, monkeypatch):
     """Ctrl-C while the second of two images is predicted: the first results stay, no half folder."""
-    from napari_cytoclip.model import CytoClip
+    from napari_cytoclip.models.model import CytoClip
 
     second = tmp_path / "second.tif"
     tifffile.imwrite(second, tissue(seed=1))
@@ -457,7 +457,7 @@ def test_cli_interrupt_mid_predict_keeps_finished_results(env, tmp_path, capsys,
 
 # ------------------------------------------------------------------------------------------ symlinks and names
 def export_once(env, out: Path, first: int = 0):
-    from napari_cytoclip.export import export_corrections
+    from napari_cytoclip.teach.export import export_corrections
 
     return export_corrections(env["section"], env["prediction"], corrections(env["prediction"], first, 3), out,
                               env["bundle"])
@@ -500,7 +500,7 @@ def test_exports_never_write_outside_their_folder(env, tmp_path, case):
 
 def test_results_overwrite_does_not_follow_a_symlinked_folder(env, tmp_path):
     """--overwrite where the results folder is a symlink: refused, the linked folder's content is kept."""
-    from napari_cytoclip.outputs import write_prediction_folder
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -515,7 +515,7 @@ def test_results_overwrite_does_not_follow_a_symlinked_folder(env, tmp_path):
 
 
 def test_pair_rows_cannot_point_outside(tmp_path):
-    from napari_cytoclip.pairs import read_pairs
+    from napari_cytoclip.teach.pairs import read_pairs
 
     folder = tmp_path / "pairs"
     folder.mkdir()
@@ -538,7 +538,7 @@ def test_finetuned_model_folder_stays_inside(name, tmp_path):
 @given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=120)
        | st.text(alphabet=string.punctuation + "./\\ \t\n\0", max_size=20))
 def test_safe_name_is_a_plain_file_name(text):
-    from napari_cytoclip.io_utils import inside, safe_name
+    from napari_cytoclip.io.safe_files import inside, safe_name
 
     name = safe_name(text)
     assert name and len(name) <= 60
@@ -594,7 +594,7 @@ GEOJSON_OK = {
 
 @pytest.mark.parametrize("case", list(GEOJSON_CASES))
 def test_geojson_readback_catalogue(case, tmp_path):
-    from napari_cytoclip.geojson import geojson_to_labels
+    from napari_cytoclip.outputs.geojson import geojson_to_labels
 
     content, pattern = GEOJSON_CASES[case]
     path = tmp_path / f"{case}.geojson"
@@ -614,7 +614,7 @@ def test_geojson_readback_catalogue(case, tmp_path):
 
 @pytest.mark.parametrize("case", list(GEOJSON_OK))
 def test_geojson_readback_accepts(case, tmp_path):
-    from napari_cytoclip.geojson import geojson_to_labels
+    from napari_cytoclip.outputs.geojson import geojson_to_labels
 
     doc, rid = GEOJSON_OK[case]
     path = tmp_path / "a.geojson"
@@ -683,7 +683,7 @@ LABEL_OK = {
 
 @pytest.mark.parametrize("case", list(LABEL_CASES))
 def test_label_image_readback_catalogue(case, tmp_path):
-    from napari_cytoclip.export import read_label_grid
+    from napari_cytoclip.teach.export import read_label_grid
 
     make, pattern = LABEL_CASES[case]
     path = make(tmp_path)
@@ -694,7 +694,7 @@ def test_label_image_readback_catalogue(case, tmp_path):
 
 @pytest.mark.parametrize("case", list(LABEL_OK))
 def test_label_image_readback_accepts(case, tmp_path):
-    from napari_cytoclip.export import read_label_grid
+    from napari_cytoclip.teach.export import read_label_grid
 
     labels = read_label_grid(LABEL_OK[case](tmp_path), GRID)
     assert labels.shape == GRID and labels.dtype == np.uint16 and (labels == 1).all()
@@ -726,7 +726,7 @@ def geojson_without_ids(path: Path) -> dict:
 
 def test_reexport_is_idempotent(env, tmp_path):
     """The same corrections exported twice, or into a fresh folder, give the very same pairs and annotations."""
-    from napari_cytoclip.export import export_corrections
+    from napari_cytoclip.teach.export import export_corrections
 
     section, pred, bundle = env["section"], env["prediction"], env["bundle"]
     edited = corrections(pred, 0, 8)
@@ -753,7 +753,7 @@ def test_reexport_is_idempotent(env, tmp_path):
 
 # ------------------------------------------------------------------------------------------ training resumes
 def training_pairs(folder: Path) -> Path:
-    from napari_cytoclip.pairs import Pair, write_pairs
+    from napari_cytoclip.teach.pairs import Pair, write_pairs
 
     rng = np.random.default_rng(0)
     pairs = []
@@ -770,7 +770,7 @@ def test_training_resumes_after_a_kill(env, tmp_path):
     with exactly the weights of a run that was never interrupted."""
     from safetensors.torch import load_file
 
-    from napari_cytoclip.train import TrainConfig, train
+    from napari_cytoclip.teach.train import TrainConfig, train
 
     pairs = training_pairs(tmp_path / "pairs")
 
@@ -808,7 +808,7 @@ def test_training_resumes_after_a_kill(env, tmp_path):
 
 
 def test_training_never_overwrites_a_model(env, tmp_path, capsys):
-    from napari_cytoclip.train import TrainConfig, train
+    from napari_cytoclip.teach.train import TrainConfig, train
 
     out = tmp_path / "model"
     out.mkdir()

@@ -30,7 +30,7 @@ CROP = (slice(300, 900), slice(300, 900))
 def _crop() -> np.ndarray:
     from PIL import Image
 
-    from napari_cytoclip.sample_data import SAMPLE_DIR
+    from napari_cytoclip.io.sample_data import SAMPLE_DIR
 
     with Image.open(SAMPLE_DIR / "plate_41.jpg") as im:
         return np.asarray(im.convert("L"))[CROP]
@@ -62,7 +62,7 @@ def _copy_folder(src: Path, dst: Path, **summary_changes) -> Path:
 
 # ------------------------------------------------------------------------------------ 9. review
 def test_review_confirms_only_what_the_user_moved_on_from(make_napari_viewer, work, tmp_path):
-    from napari_cytoclip.export import export_corrections
+    from napari_cytoclip.teach.export import export_corrections
 
     viewer = make_napari_viewer()
     image = viewer.add_image(_crop(), name="crop", scale=(PX, PX))
@@ -136,7 +136,7 @@ def test_review_confirms_only_what_the_user_moved_on_from(make_napari_viewer, wo
 
 # ------------------------------------------------------------------------------------ 11. reopen (core)
 def test_reader_claims_folders_and_our_grid_tiffs(work):
-    from napari_cytoclip.reader import napari_get_reader, read_prediction_folder, read_sections
+    from napari_cytoclip.io.reader import napari_get_reader, read_prediction_folder, read_sections
 
     folder = work / "results" / "crop"
     assert napari_get_reader(str(folder)) is read_prediction_folder
@@ -152,7 +152,7 @@ def test_reader_claims_folders_and_our_grid_tiffs(work):
     assert kind == "image" and data.dtype == np.float32 and kwargs["contrast_limits"] == (0.0, 1.0)
     data, kwargs, kind = read_sections(str(work / "crop.tif"))[0]  # a section TIFF stays a section
     assert kind == "image" and data.shape == _crop().shape
-    code = ("import sys; from napari_cytoclip.reader import read_prediction_folder; "
+    code = ("import sys; from napari_cytoclip.io.reader import read_prediction_folder; "
             f"read_prediction_folder({str(folder)!r}); "
             "print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6')))")
@@ -166,7 +166,7 @@ def test_reader_claims_folders_and_our_grid_tiffs(work):
     ("gone.tif", False),       # missing: reported, the regions still open
 ])
 def test_reopen_resolves_or_reports_the_source(work, tmp_path, source, found):
-    from napari_cytoclip.reader import read_prediction_folder
+    from napari_cytoclip.io.reader import read_prediction_folder
 
     src = str(work / "crop.tif") if source == "abs" else source
     folder = _copy_folder(work / "results" / "crop", work / "results" / f"copy_{tmp_path.name}", source=src)
@@ -191,7 +191,7 @@ def test_restore_refuses_a_cache_of_another_image(work, tmp_path):
     import tifffile
     from napari.layers import Labels
 
-    from napari_cytoclip.reader import read_prediction_folder
+    from napari_cytoclip.io.reader import read_prediction_folder
     from napari_cytoclip.widgets.state import restore_state, state_of
     from napari_cytoclip.errors import CacheMismatch
 
@@ -208,9 +208,9 @@ def test_restore_refuses_a_cache_of_another_image(work, tmp_path):
 
 
 def test_prediction_bundle_recorded_path_or_shipped_model(work):
-    from napari_cytoclip.bundle import default_bundle_path, load_bundle
+    from napari_cytoclip.models.bundle import default_bundle_path, load_bundle
     from napari_cytoclip.errors import BundleError
-    from napari_cytoclip.reader import prediction_bundle
+    from napari_cytoclip.io.reader import prediction_bundle
 
     folder = work / "results" / "crop"
     summary = json.loads((folder / "prediction.json").read_text())
@@ -227,7 +227,7 @@ def test_prediction_bundle_recorded_path_or_shipped_model(work):
 def test_reopened_folder_continues_correcting_and_teaching(make_napari_viewer, qtbot, work, tmp_path):
     from napari.layers import Image, Labels
 
-    from napari_cytoclip.cache import load_prediction
+    from napari_cytoclip.inference.cache import load_prediction
     from napari_cytoclip.widgets.state import state_of
 
     folder = work / "results" / "crop"

@@ -13,8 +13,8 @@ from PIL import Image
 
 from napari_cytoclip.allen import default_data_dir
 from napari_cytoclip.errors import SectionError
-from napari_cytoclip.sections import PixelSizeWarning, Section, open_section, section_from_array
-from napari_cytoclip.tissue import detect_polarity
+from napari_cytoclip.io.sections import PixelSizeWarning, Section, open_section, section_from_array
+from napari_cytoclip.io.tissue import detect_polarity
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -9,11 +9,11 @@ import pytest
 
 from helpers import tiny_bundle
 
-from napari_cytoclip.bundle import BUNDLE_JSON, load_bundle
+from napari_cytoclip.models.bundle import BUNDLE_JSON, load_bundle
 from napari_cytoclip.cli import main
-from napari_cytoclip.model import TEXT_TRUNK_PREFIX
-from napari_cytoclip.pairs import Pair, write_pairs
-from napari_cytoclip.train import TrainConfig, TrainData, sample_order, train, warmup_for
+from napari_cytoclip.models.model import TEXT_TRUNK_PREFIX
+from napari_cytoclip.teach.pairs import Pair, write_pairs
+from napari_cytoclip.teach.train import TrainConfig, TrainData, sample_order, train, warmup_for
 
 
 @pytest.fixture(scope="module")

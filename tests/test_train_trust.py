@@ -14,13 +14,13 @@ import pytest
 
 from helpers import tiny_bundle
 
-import napari_cytoclip.train as train_mod
-from napari_cytoclip.bundle import BUNDLE_JSON, default_bundle_path, load_bundle
+import napari_cytoclip.teach.train as train_mod
+from napari_cytoclip.models.bundle import BUNDLE_JSON, default_bundle_path, load_bundle
 from napari_cytoclip.cli import main
 from napari_cytoclip.errors import OutputError
-from napari_cytoclip.pairs import Pair, write_pairs
-from napari_cytoclip.train import CKPT_MARKER, TrainConfig, assemble, train
-from napari_cytoclip.vocabularies import allen_mouse_regions
+from napari_cytoclip.teach.pairs import Pair, write_pairs
+from napari_cytoclip.teach.train import CKPT_MARKER, TrainConfig, assemble, train
+from napari_cytoclip.models.vocabularies import allen_mouse_regions
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,7 +42,7 @@ def slow_encoding(monkeypatch):
 
     Returns a function that restores full speed.
     """
-    from napari_cytoclip.model import CytoClip
+    from napari_cytoclip.models.model import CytoClip
 
     original = CytoClip.encode_windows
     delay = {"s": 0.03}
@@ -100,7 +100,7 @@ def wait_worker(qtbot, widget, timeout=20000):
 def test_predict_review_identify_export_query(make_napari_viewer, qtbot, tiny_model_dir, shots, tmp_path):
     from napari.layers import Image, Labels
 
-    from napari_cytoclip.model import load_model
+    from napari_cytoclip.models.model import load_model
     from napari_cytoclip.widgets.layers import viewer_camera
     from napari_cytoclip.widgets.state import META_KEY, state_of
 
@@ -406,8 +406,8 @@ def test_errors_leave_widget_usable(make_napari_viewer, tiny_model_dir, tmp_path
 
 def test_shipped_model_finds_prompted_regions(make_napari_viewer, qtbot, shots):
     """With the shipped model, an exact region prompt lights up that region of plate 41."""
-    from napari_cytoclip.bundle import default_bundle_path
-    from napari_cytoclip.sample_data import SAMPLE_DIR
+    from napari_cytoclip.models.bundle import default_bundle_path
+    from napari_cytoclip.io.sample_data import SAMPLE_DIR
 
     if not (default_bundle_path() / "weights.safetensors").is_file():
         pytest.skip("the shipped model is not installed yet")
@@ -453,7 +453,7 @@ def test_predict_on_a_lazy_pyramid_file(make_napari_viewer, tiny_model_dir, tmp_
     """A multiscale (dask) layer from the reader: pixel size from its scale, labels over it."""
     import tifffile
 
-    from napari_cytoclip.sample_data import SAMPLE_DIR
+    from napari_cytoclip.io.sample_data import SAMPLE_DIR
     from PIL import Image as PILImage
 
     base = np.asarray(PILImage.open(SAMPLE_DIR / "plate_41.jpg").convert("L"))
@@ -493,7 +493,7 @@ def test_closing_the_viewer_while_running(make_napari_viewer, qtbot, tiny_model_
 
 
 def test_embedding_cache_skips_recomputation(make_napari_viewer, tiny_model_dir, tmp_path, monkeypatch):
-    from napari_cytoclip.model import CytoClip
+    from napari_cytoclip.models.model import CytoClip
 
     viewer = make_napari_viewer()
     image, _ = open_plate(viewer)

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .errors import Cancelled, CytoclipError, OutputError
+from napari_cytoclip.errors import Cancelled, CytoclipError, OutputError
 
 PROG = "napari-cytoclip"
 
@@ -116,14 +116,14 @@ def _progress(total: int, desc: str, quiet: bool, unit: str = "tile"):
 
 
 def _model(args, path: Path | None):
-    from .model import load_model
+    from napari_cytoclip.models.model import load_model
 
     return load_model(path, device=args.device, precision=getattr(args, "precision", "auto"))
 
 
 def _predict_one(section, model, args, desc: str):
     """Run prediction with a tqdm bar fed by :func:`predict.predict_iter`."""
-    from .predict import predict_iter
+    from napari_cytoclip.inference.predict import predict_iter
 
     gen = predict_iter(section, model, stride_um=args.stride_um, batch_size=args.batch_size)
     bar = None
@@ -142,12 +142,12 @@ def _predict_one(section, model, args, desc: str):
 
 
 def cmd_predict(args) -> int:
-    from .outputs import write_prediction_folder
-    from .sections import open_section
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
+    from napari_cytoclip.io.sections import open_section
 
     _check_batch(args.batch_size)
     if args.sample:
-        from .sample_data import SAMPLE_DIR, plate_41_info
+        from napari_cytoclip.io.sample_data import SAMPLE_DIR, plate_41_info
 
         info = plate_41_info()
         args.images = [*args.images, SAMPLE_DIR / info["image"]]
@@ -177,7 +177,7 @@ def cmd_predict(args) -> int:
 
 def _print_result(target: Path, quiet: bool) -> None:
     """The results folder, then (unless ``quiet``) what was found and how to open it."""
-    from .outputs import results_summary
+    from napari_cytoclip.outputs.prediction_folder import results_summary
 
     print(target, flush=True)
     if not quiet:
@@ -194,8 +194,8 @@ def _check_batch(n: int) -> None:
 
 def _predict_targets(images: list[Path], out: Path, overwrite: bool) -> list[Path]:
     """``out/<stem>`` for each image, refused up front when missing, clashing, already there or not ours."""
-    from .errors import SectionError
-    from .io_utils import check_output_folder
+    from napari_cytoclip.errors import SectionError
+    from napari_cytoclip.io.safe_files import check_output_folder
 
     targets = []
     for image in images:
@@ -223,9 +223,9 @@ def image_stem(path: Path) -> str:
 
 def _predict_distributed(args) -> int:
     try:
-        from .distributed import predict_many
+        from napari_cytoclip.inference.distributed import predict_many
     except ImportError as exc:
-        raise CytoclipError(None, f"--scheduler needs napari_cytoclip.distributed, which is not available ({exc})") \
+        raise CytoclipError(None, f"--scheduler needs napari_cytoclip.inference.distributed, which is not available ({exc})") \
             from None
     targets = predict_many(args.images, args.out, model=args.model, scheduler=args.scheduler,
                            pixel_size_um=args.pixel_size, stride_um=args.stride_um, batch_size=args.batch_size,
@@ -237,7 +237,7 @@ def _predict_distributed(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train
+    from napari_cytoclip.teach.train import TrainConfig, train
 
     if args.out.exists():
         raise OutputError(args.out, "already exists; choose a new folder for the trained model")
@@ -278,7 +278,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
-    from .evaluate import evaluate, evaluate_allen_split
+    from napari_cytoclip.teach.evaluate import evaluate, evaluate_allen_split
 
     if (args.images is None) == (args.allen_split is None):
         raise ValueError("give either --images with --labels, or --allen-split")
@@ -325,7 +325,7 @@ def _pixel_sizes(values: list[float] | None, n: int) -> list[float] | None:
 
 
 def cmd_export(args) -> int:
-    from .export import export_corrections, labels_on_grid, read_label_image
+    from napari_cytoclip.teach.export import export_corrections, labels_on_grid, read_label_image
 
     _check_batch(args.batch_size)
     labels = read_label_image(args.labels)  # fail early, before any prediction
@@ -342,7 +342,7 @@ def cmd_export(args) -> int:
 
 
 def _bundle(path: Path | None):
-    from .bundle import BUNDLE_WEIGHTS, default_bundle_path, load_bundle
+    from napari_cytoclip.models.bundle import BUNDLE_WEIGHTS, default_bundle_path, load_bundle
 
     if path is None:
         path = default_bundle_path()
@@ -353,11 +353,11 @@ def _bundle(path: Path | None):
 
 def _prediction_for_export(args):
     """Prediction, section and bundle behind the corrections: from ``--prediction`` (checked) or predicted now."""
-    from .cache import expected_signature, jsonable, load_prediction
-    from .grid import TileGrid
-    from .outputs import CACHE_DIR
-    from .predict import check_signature
-    from .sections import open_section
+    from napari_cytoclip.inference.cache import expected_signature, jsonable, load_prediction
+    from napari_cytoclip.inference.grid import TileGrid
+    from napari_cytoclip.outputs.prediction_folder import CACHE_DIR
+    from napari_cytoclip.inference.predict import check_signature
+    from napari_cytoclip.io.sections import open_section
 
     if args.prediction is None:
         model = _model(args, args.model)

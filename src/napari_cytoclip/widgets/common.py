@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 from qtpy.QtWidgets import QGroupBox, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from .state import prediction_layers
+from napari_cytoclip.widgets.state import prediction_layers
 
 
 class LayerChoices:
@@ -104,7 +104,7 @@ def section_for_layer(layer: Any, pixel_size_um: float, plane: tuple[int, ...] =
     ``plane`` indexes the axes before (y, x) of a stack layer (see :func:`current_plane`); a stack
     without one is refused by the core.
     """
-    from ..sections import section_from_array
+    from napari_cytoclip.io.sections import section_from_array
 
     levels = list(layer.data) if layer.multiscale else [layer.data]
     if plane:
@@ -125,7 +125,7 @@ def widget_alive(widget: QWidget) -> bool:
 
 
 def message_of(exc: BaseException) -> str:
-    from ..errors import CytoclipError
+    from napari_cytoclip.errors import CytoclipError
 
     if isinstance(exc, CytoclipError):
         return str(exc)
@@ -151,7 +151,7 @@ def status_label(text: str = "") -> QLabel:
 
 
 def shipped_bundle_path() -> Path:
-    from ..bundle import default_bundle_path
+    from napari_cytoclip.models.bundle import default_bundle_path
 
     return default_bundle_path()
 

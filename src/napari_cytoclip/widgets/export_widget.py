@@ -13,9 +13,9 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, ProgressBar, PushButton, SpinBox
 from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 
-from .common import (LayerChoices, WorkerFailure, drive, group, guarded, message_of, prediction_layer_choices,
+from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, drive, group, guarded, message_of, prediction_layer_choices,
                      status_label, widget_alive)
-from .state import PredictionState, state_of
+from napari_cytoclip.widgets.state import PredictionState, state_of
 
 FINETUNE_BATCH = 32
 FINETUNE_LR = 1e-4
@@ -28,8 +28,8 @@ def training_steps(pairs: Path, out: Path, init: Any, config: Any, stop: threadi
     Setting ``stop`` makes the next progress call raise ``Cancelled`` inside training, and the
     checkpoint folder is removed if this run created it (only training's own files in it).
     """
-    from ..errors import Cancelled
-    from ..train import train
+    from napari_cytoclip.errors import Cancelled
+    from napari_cytoclip.teach.train import train
 
     updates: queue.Queue = queue.Queue()
     result: dict = {}
@@ -78,7 +78,7 @@ def remove_checkpoint(ckpt: Path) -> None:
 
 def next_model_folder(out_dir: Path, name: str) -> Path:
     """``<out>/models/<name>-finetuned-<k>`` for the first free k (never overwrites); ``name`` is sanitised."""
-    from ..io_utils import safe_name
+    from napari_cytoclip.io.safe_files import safe_name
 
     k = 1
     while True:
@@ -198,7 +198,7 @@ class ExportWidget(QWidget):
         """Export in a thread worker (``blocking=True``: in this thread, returning the ExportResult)."""
         from napari.qt.threading import create_worker
 
-        from ..export import export_corrections
+        from napari_cytoclip.teach.export import export_corrections
 
         ready = self._ready()
         if ready is None or self._worker is not None:
@@ -229,7 +229,7 @@ class ExportWidget(QWidget):
     def _on_exported(self, result: Any) -> None:
         from napari.utils.notifications import show_info
 
-        from ..errors import Cancelled
+        from napari_cytoclip.errors import Cancelled
 
         if not self._alive():  # the viewer closed while the export ran
             return
@@ -251,8 +251,8 @@ class ExportWidget(QWidget):
         """Fine-tune the prediction's model on ``<output>/pairs``; the Predict widget then uses the new model."""
         from napari.qt.threading import create_worker
 
-        from ..export import PAIRS_DIR
-        from ..train import TrainConfig
+        from napari_cytoclip.teach.export import PAIRS_DIR
+        from napari_cytoclip.teach.train import TrainConfig
 
         ready = self._ready()
         if ready is None or self._worker is not None:
@@ -321,7 +321,7 @@ class ExportWidget(QWidget):
 
     def _hand_to_predict_widgets(self, path: Path) -> int:
         """Point every Predict widget docked in this viewer at the new bundle (public dock API only)."""
-        from .predict_widget import PredictWidget
+        from napari_cytoclip.widgets.predict_widget import PredictWidget
 
         try:
             docked = list(self.viewer.window.dock_widgets.values())
@@ -333,7 +333,7 @@ class ExportWidget(QWidget):
         return len(widgets)
 
     def _on_train_error(self, exc: BaseException) -> None:
-        from ..errors import Cancelled
+        from napari_cytoclip.errors import Cancelled
 
         if isinstance(exc, Cancelled):
             self.train_status.setText("Fine-tuning cancelled; no model was written.")

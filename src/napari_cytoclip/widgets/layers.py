@@ -6,8 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..reader import TRANSPARENT, features_table, region_colormap  # noqa: F401  (re-exported)
-from .state import META_KEY, PredictionState, layer_alive, state_of
+from napari_cytoclip.io.reader import TRANSPARENT, features_table, region_colormap  # noqa: F401  (re-exported)
+from napari_cytoclip.widgets.state import META_KEY, PredictionState, layer_alive, state_of
 
 HIGHLIGHT_RGBA = (1.0, 0.24, 0.96, 1.0)  # magenta: stands out on viridis
 REVIEW_RGBA = (1.0, 0.2, 0.2, 1.0)

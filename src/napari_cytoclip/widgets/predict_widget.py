@@ -12,14 +12,14 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QPlainTextEdit, QVBoxLayout, QWidget
 
-from .common import (LayerChoices, WorkerFailure, current_plane, drive, group, image_layer_choices, message_of,
+from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, current_plane, drive, group, image_layer_choices, message_of,
                      pixel_size_of, plane_text, section_for_layer, shipped_bundle_path, stack_shape, status_label,
                      widget_alive)
-from .layers import (apply_batch, create_labels_layer, drop_views, finish_layers, focus_cell, image_transform,
+from napari_cytoclip.widgets.layers import (apply_batch, create_labels_layer, drop_views, finish_layers, focus_cell, image_transform,
                      redraw_labels, review_marker, show_confidence)
-from .legend import RegionLegend
-from .review import advance_review, describe_top, identify_cells, shapes_to_grid
-from .state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,
+from napari_cytoclip.widgets.legend import RegionLegend
+from napari_cytoclip.widgets.review import advance_review, describe_top, identify_cells, shapes_to_grid
+from napari_cytoclip.widgets.state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,
                     state_of)
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -39,10 +39,10 @@ def prediction_steps(state: PredictionState, device: str, batch_size: int,
     (an older cache in that folder is replaced). Runs in the worker thread; it only reads
     ``state``'s inputs and never touches layers.
     """
-    from ..cache import expected_signature, is_cache, load_prediction, save_prediction
-    from ..errors import CacheMismatch
-    from ..model import load_model
-    from ..predict import predict_iter
+    from napari_cytoclip.inference.cache import expected_signature, is_cache, load_prediction, save_prediction
+    from napari_cytoclip.errors import CacheMismatch
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.inference.predict import predict_iter
 
     _yield_cpu_to_ui()
     model = state.model
@@ -212,8 +212,8 @@ class PredictWidget(QWidget):
 
     def bundle(self):
         """The chosen model's description (reads cytoclip.json only; raises BundleError)."""
-        from ..bundle import BUNDLE_WEIGHTS, load_bundle
-        from ..errors import BundleError
+        from napari_cytoclip.models.bundle import BUNDLE_WEIGHTS, load_bundle
+        from napari_cytoclip.errors import BundleError
 
         folder = self.model_folder()
         if folder is None:
@@ -263,8 +263,8 @@ class PredictWidget(QWidget):
     # ------------------------------------------------------------------ running
     def _prepare(self) -> tuple[PredictionState, Generator] | None:
         """Check the inputs, create the state and the (empty) Labels layer; None after an error."""
-        from ..grid import TileGrid
-        from ..sections import check_pixel_size
+        from napari_cytoclip.inference.grid import TileGrid
+        from napari_cytoclip.io.sections import check_pixel_size
 
         try:
             layer = self.image.value

@@ -8,9 +8,9 @@ from magicgui.widgets import ComboBox, Container, FloatSlider, LineEdit, PushBut
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
-from .common import LayerChoices, group, message_of, prediction_layer_choices, status_label
-from .layers import auto_color, acronym_of, focus_cell, highlight_mask, query_layers, refresh_region_layers
-from .state import PredictionState, layer_alive, state_of
+from napari_cytoclip.widgets.common import LayerChoices, group, message_of, prediction_layer_choices, status_label
+from napari_cytoclip.widgets.layers import auto_color, acronym_of, focus_cell, highlight_mask, query_layers, refresh_region_layers
+from napari_cytoclip.widgets.state import PredictionState, layer_alive, state_of
 
 DEBOUNCE_MS = 150
 DEFAULT_PERCENTILE = 90.0
@@ -179,7 +179,7 @@ class QueryWidget(QWidget):
         Cells the user has painted keep their paint; all others take the new decoding, and those
         whose label changed lose their review confirmation (the user has not seen the new label).
         """
-        from ..bundle import Region, validate_regions
+        from napari_cytoclip.models.bundle import Region, validate_regions
 
         state = self._ready_state()
         name = str(self.region_name.value or "").strip()

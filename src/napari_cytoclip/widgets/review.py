@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from .state import PredictionState
+from napari_cytoclip.widgets.state import PredictionState
 
 
 def least_confident_unreviewed(state: PredictionState) -> tuple[int, int] | None:

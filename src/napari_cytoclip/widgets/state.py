@@ -5,7 +5,7 @@ Labels layer carries the state (``metadata["cytoclip"]["state"]``) next to plain
 (``complete``, ``status``, ``image``, ``model``...), so the Query and Export widgets find
 everything from the layer alone, and two predictions on two images never share anything.
 
-A results folder reopened by the reader (:func:`napari_cytoclip.reader.read_prediction_folder`)
+A results folder reopened by the reader (:func:`napari_cytoclip.io.reader.read_prediction_folder`)
 gives a Labels layer whose ``metadata["cytoclip"]`` holds plain values only (the folder and its
 embedding cache); :func:`state_of` restores its :class:`PredictionState` from them the first time
 a widget asks, so correcting, querying and teaching continue where they stopped.
@@ -59,7 +59,7 @@ class PredictionState:
         self.under_review: tuple[int, int] | None = None
         self.cache: Path | None = None          # the embedding cache folder, if any
         self.prediction_folder: Path | None = None  # the results folder it was reopened from, if any
-        self.prediction = None          # napari_cytoclip.predict.Prediction when complete
+        self.prediction = None          # napari_cytoclip.inference.predict.Prediction when complete
         self.status = RUNNING
         self.message = ""
         self.done = 0
@@ -71,7 +71,7 @@ class PredictionState:
     def model(self):
         """The loaded CytoClip (a restored prediction loads it here on first use)."""
         if self._model is None and self.load_model_on_use:
-            from ..model import load_model
+            from napari_cytoclip.models.model import load_model
 
             self.load_model_on_use = False
             self._model = load_model(self.bundle, device=str(self.model_key[1]), precision="auto")
@@ -168,7 +168,7 @@ def state_of(layer: Any) -> PredictionState | None:
     state = entry.get("state") if isinstance(entry, dict) else None
     if state is None and isinstance(entry, dict) and entry.get("prediction_folder") and entry.get("role") == "labels" \
             and not entry.get("restore_error"):
-        from ..errors import CytoclipError
+        from napari_cytoclip.errors import CytoclipError
 
         try:
             state = restore_state(layer)
@@ -187,10 +187,10 @@ def restore_state(layer: Any) -> PredictionState:
     weights are loaded when first used); refuses a cache made for another image, model or grid.
     Raises a CytoclipError naming the file and the problem.
     """
-    from ..cache import expected_signature, jsonable, load_prediction
-    from ..predict import check_signature
-    from ..reader import _read_summary, prediction_bundle, resolve_source
-    from ..sections import open_section
+    from napari_cytoclip.inference.cache import expected_signature, jsonable, load_prediction
+    from napari_cytoclip.inference.predict import check_signature
+    from napari_cytoclip.io.reader import _read_summary, prediction_bundle, resolve_source
+    from napari_cytoclip.io.sections import open_section
 
     entry = layer.metadata[META_KEY]
     folder = Path(entry["prediction_folder"])

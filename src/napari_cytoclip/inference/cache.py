@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import ModelBundle, read_json, region_from_dict
-from .errors import CacheMismatch, CytoclipError, OutputError
-from .grid import TileGrid
-from .io_utils import atomic_write_text, new_output_folder
-from .predict import Prediction, check_grid, check_signature, signature
-from .sections import Section
+from napari_cytoclip.models.bundle import ModelBundle, read_json, region_from_dict
+from napari_cytoclip.errors import CacheMismatch, CytoclipError, OutputError
+from napari_cytoclip.inference.grid import TileGrid
+from napari_cytoclip.io.safe_files import atomic_write_text, new_output_folder
+from napari_cytoclip.inference.predict import Prediction, check_grid, check_signature, signature
+from napari_cytoclip.io.sections import Section
 
 CACHE_FORMAT = "napari-cytoclip-cache"
 CACHE_VERSION = 1

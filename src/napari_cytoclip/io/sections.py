@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import SectionError
+from napari_cytoclip.errors import SectionError
 
 TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2", ".ndpi", ".scn"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}

@@ -38,7 +38,7 @@ def imagenet_efficientnet_lite0_state() -> dict:
 
 
 def package_file(name: str) -> Path:
-    return Path(__file__).parent / name
+    return Path(__file__).parents[1] / name
 
 
 def create_initial_bundle(folder: str | Path, scales_um=(320.0, 640.0, 1280.0), size: int = 64,
@@ -47,9 +47,9 @@ def create_initial_bundle(folder: str | Path, scales_um=(320.0, 640.0, 1280.0), 
     """An untrained dual encoder: ImageNet EfficientNet-Lite0 + MiniLM, random projections."""
     import torch
 
-    from .bundle import InputSpec, ModelBundle, save_bundle
-    from .model import TEXT_TRUNK_PREFIX, build_open_clip
-    from .vocabularies import allen_mouse_regions
+    from napari_cytoclip.models.bundle import InputSpec, ModelBundle, save_bundle
+    from napari_cytoclip.models.model import TEXT_TRUNK_PREFIX, build_open_clip
+    from napari_cytoclip.models.vocabularies import allen_mouse_regions
 
     torch.manual_seed(seed)
     bundle = ModelBundle(name=name, architecture=efficientnet_minilm(embed_dim, size),

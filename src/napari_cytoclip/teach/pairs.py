@@ -18,8 +18,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import CytoclipError, OutputError
-from .io_utils import atomic_write_bytes, inside, read_regular_bytes
+from napari_cytoclip.errors import CytoclipError, OutputError
+from napari_cytoclip.io.safe_files import atomic_write_bytes, inside, read_regular_bytes
 
 PAIRS_CSV = "pairs.csv"
 PAIRS_JSONL = "pairs.jsonl"

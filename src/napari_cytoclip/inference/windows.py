@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bundle import InputSpec
-from .sections import Section
+from napari_cytoclip.models.bundle import InputSpec
+from napari_cytoclip.io.sections import Section
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 BAND_BYTES = 32 * 2 ** 20  # largest band read and kept per scale (float32, before the gray conversion)

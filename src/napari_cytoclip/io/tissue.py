@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .sections import Section
+from napari_cytoclip.io.sections import Section
 
 
 def detect_polarity(section: Section) -> str:

@@ -17,16 +17,16 @@ from typing import Iterator
 
 import numpy as np
 
-from .bundle import ModelBundle, Region, write_regions_csv
-from .cache import jsonable
-from .errors import CacheMismatch, Cancelled, CytoclipError, OutputError
-from .grid import TileGrid
-from .io_utils import atomic_write_text, owned, read_marker, read_regular_bytes, recording
-from .outputs import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV, now_iso, write_fullres_labels,
+from napari_cytoclip.models.bundle import ModelBundle, Region, write_regions_csv
+from napari_cytoclip.inference.cache import jsonable
+from napari_cytoclip.errors import CacheMismatch, Cancelled, CytoclipError, OutputError
+from napari_cytoclip.inference.grid import TileGrid
+from napari_cytoclip.io.safe_files import atomic_write_text, owned, read_marker, read_regular_bytes, recording
+from napari_cytoclip.outputs.prediction_folder import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV, now_iso, write_fullres_labels,
                       write_geojson_labels, write_grid_tiff)
-from .pairs import PAIRS_CSV, PAIRS_JSONL, Pair, write_pairs
-from .predict import Prediction
-from .sections import Section
+from napari_cytoclip.teach.pairs import PAIRS_CSV, PAIRS_JSONL, Pair, write_pairs
+from napari_cytoclip.inference.predict import Prediction
+from napari_cytoclip.io.sections import Section
 
 PAIRS_DIR = "pairs"
 EXPORT_JSON = "export.json"
@@ -160,7 +160,7 @@ def _base_record(section: Section, prediction: Prediction, bundle: ModelBundle, 
 
 def caption_for(region: Region) -> str:
     """The caption a corrected window gets: the region's first training caption."""
-    from .vocabularies import training_captions
+    from napari_cytoclip.models.vocabularies import training_captions
 
     return training_captions(region)[0]
 
@@ -169,7 +169,7 @@ def _pairs(section: Section, prediction: Prediction, bundle: ModelBundle, edited
            corrected: np.ndarray, by_id: dict[int, Region], base: dict,
            stop: threading.Event | None = None) -> Iterator[Pair]:
     """Pairs for ``cells``, windows read a batch at a time so memory stays bounded."""
-    from .windows import WindowReader
+    from napari_cytoclip.inference.windows import WindowReader
 
     reader = WindowReader(section, bundle.input, prediction.polarity)
     px = float(prediction.grid.pixel_size_um)

@@ -9,10 +9,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, check_architecture, default_bundle_path,
+from napari_cytoclip.models.bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, check_architecture, default_bundle_path,
                      load_bundle, load_regions_csv, resolve_text_tower)
-from .cputhreads import cpu_threads
-from .errors import BundleError
+from napari_cytoclip.inference.cputhreads import cpu_threads
+from napari_cytoclip.errors import BundleError
 
 TEXT_TRUNK_PREFIX = "text.transformer."
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .bundle import Region
+from napari_cytoclip.models.bundle import Region
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"
 
 # (id, acronym, name, Allen colour, parent chain, description) - descriptions are cytoarchitecture
 # in an anatomist's words, written for this project.

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import CytoclipError, OutputError
+from napari_cytoclip.errors import CytoclipError, OutputError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MARKER = "written-by-napari-cytoclip.json"
@@ -112,7 +112,7 @@ def read_marker(folder: str | Path) -> dict | None:
 
 def write_marker(folder: str | Path, kind: str, files: dict[str, list[str]], folders: Iterable[str] = ()) -> None:
     """Write ``folder``'s marker: ``files`` maps each relative path we wrote to its accepted digests."""
-    from . import __version__
+    from napari_cytoclip import __version__
 
     doc = {"format": MARKER_FORMAT, "kind": kind, "software": f"napari-cytoclip {__version__}",
            "note": "napari-cytoclip replaces only the files listed here, and only while their content is unchanged",

@@ -11,14 +11,14 @@ from typing import Callable, Generator, Iterator
 
 import numpy as np
 
-from .aggregate import footprint_radius, labels_from_index, region_probabilities, similarity_grid, vote
-from .bundle import Region
-from .errors import Cancelled, CacheMismatch, SectionError
-from .grid import TileGrid
-from .model import CytoClip
-from .sections import Section
-from .tissue import TissueMask, tissue_mask
-from .windows import WindowReader
+from napari_cytoclip.inference.aggregate import footprint_radius, labels_from_index, region_probabilities, similarity_grid, vote
+from napari_cytoclip.models.bundle import Region
+from napari_cytoclip.errors import Cancelled, CacheMismatch, SectionError
+from napari_cytoclip.inference.grid import TileGrid
+from napari_cytoclip.models.model import CytoClip
+from napari_cytoclip.io.sections import Section
+from napari_cytoclip.io.tissue import TissueMask, tissue_mask
+from napari_cytoclip.inference.windows import WindowReader
 
 MIN_TISSUE_FRACTION = 0.25
 MAX_PLAN_BYTES = 16 * 2 ** 30  # a run planning more memory than this is refused before any work
@@ -95,7 +95,7 @@ def plan_grid(section: Section, model: CytoClip, stride_um: float | None = None,
 
     ``stride_um`` None means the model's; any other value must be a positive number.
     Raises :class:`SectionError` for an image smaller than one grid cell (either side) and
-    :class:`~napari_cytoclip.grid.PlanTooLarge` before any work when the run would be absurd
+    :class:`~napari_cytoclip.inference.grid.PlanTooLarge` before any work when the run would be absurd
     (see :func:`check_plan`); warns (:class:`NoTissueWarning`) when no cell holds tissue.
     """
     source = section.source or section.name
@@ -129,7 +129,7 @@ def estimate_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size:
     windows of one batch at every scale (the crops are cut from the pyramid level the reader
     uses, at full size even outside the image), the embeddings, probabilities and voting arrays.
     """
-    from .grid import NOMINAL_TILES_PER_S
+    from napari_cytoclip.inference.grid import NOMINAL_TILES_PER_S
 
     bundle = model.bundle
     n_grid = int(np.prod(grid.shape))
@@ -149,9 +149,9 @@ def estimate_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size:
 
 def check_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size: int = 64,
                max_bytes: int | None = None) -> dict:
-    """Refuse (:class:`~napari_cytoclip.grid.PlanTooLarge`, one line naming the section) a run whose
+    """Refuse (:class:`~napari_cytoclip.inference.grid.PlanTooLarge`, one line naming the section) a run whose
     estimated memory is over :data:`MAX_PLAN_BYTES`; returns the estimate."""
-    from .grid import PlanTooLarge, hours_text
+    from napari_cytoclip.inference.grid import PlanTooLarge, hours_text
 
     max_bytes = MAX_PLAN_BYTES if max_bytes is None else max_bytes
     est = estimate_plan(section, model, grid, batch_size)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
+SAMPLE_DIR = Path(__file__).parents[1] / "data" / "sample"
 PLATE_JSON = SAMPLE_DIR / "plate_41.json"
 UNASSIGNED_COLOR = "#5a5a5a"
 
@@ -48,7 +48,7 @@ def allen_plate_41() -> list[tuple]:
 
 
 def _division_colors(divisions: list[dict]) -> dict[int, str]:
-    from .vocabularies import allen_mouse_regions
+    from napari_cytoclip.models.vocabularies import allen_mouse_regions
 
     colors = {r.id: r.color for r in allen_mouse_regions()}
     return {int(d["id"]): colors.get(int(d["id"]), UNASSIGNED_COLOR) for d in divisions}
@@ -57,7 +57,7 @@ def _division_colors(divisions: list[dict]) -> dict[int, str]:
 def atlas_colormap(divisions: list[dict]):
     from napari.utils.colormaps import DirectLabelColormap
 
-    from .bundle import Region
+    from napari_cytoclip.models.bundle import Region
 
     transparent = np.zeros(4, np.float32)
     color_dict: dict = {None: transparent, 0: transparent}

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import CytoclipError
+from napari_cytoclip.errors import CytoclipError
 
 SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".svs")
 PYRAMID_ABOVE = 8192
@@ -68,7 +68,7 @@ def _grid_tiff(path: str | Path) -> dict | None:
     if not p.name.lower().endswith((".tif", ".tiff")) or not p.is_file():
         return None
     try:
-        from .outputs import read_grid_metadata
+        from napari_cytoclip.outputs.prediction_folder import read_grid_metadata
 
         meta = read_grid_metadata(p)
     except Exception:  # not a TIFF tifffile reads: other readers may
@@ -82,8 +82,8 @@ def _grid_tiff(path: str | Path) -> dict | None:
 
 
 def _claims(path: str | Path) -> bool:
-    from .errors import SectionError
-    from .sections import open_section
+    from napari_cytoclip.errors import SectionError
+    from napari_cytoclip.io.sections import open_section
 
     p = Path(path)
     if not p.name.lower().endswith(SUFFIXES) or not p.is_file():
@@ -111,7 +111,7 @@ def read_sections(path: str | list[str]) -> list[tuple[Any, dict, str]]:
 
 
 def section_layer_data(path: str | Path) -> tuple[Any, dict, str]:
-    from .sections import PixelSizeWarning, open_section
+    from napari_cytoclip.io.sections import PixelSizeWarning, open_section
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PixelSizeWarning)
@@ -247,7 +247,7 @@ def _read_summary(folder: Path) -> dict:
 
 
 def _regions(summary: dict, source: Path) -> list:
-    from .bundle import region_from_dict
+    from napari_cytoclip.models.bundle import region_from_dict
 
     regions = summary.get("regions")
     if not isinstance(regions, list) or not regions:
@@ -258,7 +258,7 @@ def _regions(summary: dict, source: Path) -> list:
 def resolve_source(folder: str | Path, source: str) -> Path:
     """The section image a prediction was made from: ``source`` as an absolute path, else relative to the
     results folder, else relative to the working directory; raises SectionError naming the paths tried."""
-    from .errors import SectionError
+    from napari_cytoclip.errors import SectionError
 
     folder = Path(folder)
     if not source:
@@ -277,8 +277,8 @@ def resolve_source(folder: str | Path, source: str) -> Path:
 def prediction_bundle(summary: dict, folder: str | Path) -> Any:
     """The model bundle that made a prediction: the folder recorded in ``prediction.json`` or the shipped
     model, whichever has the recorded weights hash; raises BundleError when neither does."""
-    from .bundle import default_bundle_path, load_bundle
-    from .errors import BundleError
+    from napari_cytoclip.models.bundle import default_bundle_path, load_bundle
+    from napari_cytoclip.errors import BundleError
 
     model = summary.get("model") if isinstance(summary.get("model"), dict) else {}
     want, name = model.get("hash"), model.get("name") or "?"

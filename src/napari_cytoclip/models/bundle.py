@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError, CytoclipError, OutputError
+from napari_cytoclip.errors import BundleError, CytoclipError, OutputError
 
 BUNDLE_JSON = "cytoclip.json"
 BUNDLE_WEIGHTS = "weights.safetensors"
@@ -116,7 +116,7 @@ class InputSpec:
 
 @dataclass
 class ModelBundle:
-    """A model's description; the weights stay on disk until :func:`napari_cytoclip.model.load_model`."""
+    """A model's description; the weights stay on disk until :func:`napari_cytoclip.models.model.load_model`."""
 
     name: str
     architecture: dict
@@ -243,7 +243,7 @@ def load_regions_csv(path: str | Path) -> list[Region]:
 
 
 def write_regions_csv(regions: list[Region], path: str | Path) -> None:
-    from .io_utils import atomic_write_text
+    from napari_cytoclip.io.safe_files import atomic_write_text
     import io
 
     buf = io.StringIO()
@@ -462,4 +462,4 @@ def _mentions_auto_map(path: Path) -> bool:
 
 def default_bundle_path() -> Path:
     """The model shipped inside the package."""
-    return Path(__file__).parent / "models" / "cytoclip-allen-mouse"
+    return Path(__file__).parent / "cytoclip-allen-mouse"

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CytoclipError
-from .io_utils import atomic_write_text
+from napari_cytoclip.errors import CytoclipError
+from napari_cytoclip.io.safe_files import atomic_write_text
 
 def _hex_rgb(color: str) -> list[int]:
     h = str(color).lstrip("#")

@@ -24,11 +24,11 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import ModelBundle, Region, load_bundle, save_bundle, validate_regions
-from .errors import CytoclipError, OutputError
-from .io_utils import atomic_write_text, atomic_write_with
-from .model import TEXT_TRUNK_PREFIX, build_open_clip, load_weights_into, pick_device, read_state_dict
-from .pairs import load_pair_images, read_pairs
+from napari_cytoclip.models.bundle import ModelBundle, Region, load_bundle, save_bundle, validate_regions
+from napari_cytoclip.errors import CytoclipError, OutputError
+from napari_cytoclip.io.safe_files import atomic_write_text, atomic_write_with
+from napari_cytoclip.models.model import TEXT_TRUNK_PREFIX, build_open_clip, load_weights_into, pick_device, read_state_dict
+from napari_cytoclip.teach.pairs import load_pair_images, read_pairs
 
 
 @dataclass
@@ -499,7 +499,7 @@ def _resume(folder: Path, model, opt, steps_per_epoch: int) -> dict:
 
 
 def _text_weights_available(bundle: ModelBundle) -> bool:
-    from .bundle import resolve_text_tower
+    from napari_cytoclip.models.bundle import resolve_text_tower
 
     folder = resolve_text_tower(bundle.text_tower, bundle.path)
     return folder is None or any((folder / n).is_file() for n in ("model.safetensors", "pytorch_model.bin"))
@@ -531,7 +531,7 @@ def training_provenance(parent: ModelBundle, data: TrainData, val: TrainData | N
     import open_clip
     import torch
 
-    from . import __version__
+    from napari_cytoclip import __version__
 
     cfg = asdict(config)
     if cfg.get("text_features"):
@@ -545,7 +545,7 @@ def training_provenance(parent: ModelBundle, data: TrainData, val: TrainData | N
     selection = {"by": "highest val_macro_f1 (the later epoch on ties)", "on": [f["folder"] for f in val.folders],
                  "n_val_pairs": int(len(val.targets))} if val is not None else {"by": "last epoch (no validation)"}
     prov = {
-        "produced_by": "napari_cytoclip.train", "trained_from": parent.name, "init_weights": weights,
+        "produced_by": "napari_cytoclip.teach.train", "trained_from": parent.name, "init_weights": weights,
         "pairs": data.sources, "n_pairs": int(len(data.targets)) - n_replay,
         **({"replay": data.replay_sources, "n_replay_pairs": n_replay} if n_replay else {}),
         "data": [f for f in data.folders] + ([{**f, "validation": True} for f in val.folders] if val else []),

@@ -16,12 +16,12 @@ from typing import Iterator
 
 import numpy as np
 
-from . import __version__
-from .bundle import Region, write_regions_csv
-from .grid import TileGrid
-from .io_utils import atomic_path, atomic_write_text, new_output_folder
-from .predict import Prediction
-from .sections import Section
+from napari_cytoclip import __version__
+from napari_cytoclip.models.bundle import Region, write_regions_csv
+from napari_cytoclip.inference.grid import TileGrid
+from napari_cytoclip.io.safe_files import atomic_path, atomic_write_text, new_output_folder
+from napari_cytoclip.inference.predict import Prediction
+from napari_cytoclip.io.sections import Section
 
 LABELS_TIF = "labels.tif"
 CONFIDENCE_TIF = "confidence.tif"
@@ -105,7 +105,7 @@ def regions_as_dicts(regions: list[Region]) -> list[dict]:
 def write_geojson_labels(path: Path, labels: np.ndarray, grid: TileGrid, regions: list[Region],
                          properties: dict | None = None) -> Path:
     """QuPath-style GeoJSON of the label grid, polygons in image pixel coordinates."""
-    from .geojson import labels_to_geojson, write_geojson
+    from napari_cytoclip.outputs.geojson import labels_to_geojson, write_geojson
 
     data = labels_to_geojson(np.asarray(labels), regions_as_dicts(regions), origin=tuple(grid.origin),
                              step=float(grid.step), properties=properties)
@@ -141,7 +141,7 @@ def prediction_summary(prediction: Prediction, section: Section) -> dict:
 def write_prediction_folder(prediction: Prediction, section: Section, out_dir: str | Path, *,
                             overwrite: bool = False, full_resolution: bool = False) -> Path:
     """Write every result of ``prediction`` into ``out_dir`` (created complete, or not at all)."""
-    from .cache import save_prediction
+    from napari_cytoclip.inference.cache import save_prediction
 
     out_dir = Path(out_dir)
     grid = prediction.grid

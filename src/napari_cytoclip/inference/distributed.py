@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import CytoclipError, OutputError, SectionError
+from napari_cytoclip.errors import CytoclipError, OutputError, SectionError
 
 DEFAULT_CHUNK_CELLS = 4096
 DEFAULT_SPLIT_CELLS = 2 * DEFAULT_CHUNK_CELLS  # grid cells above which a TIFF section is split
@@ -109,7 +109,7 @@ def worker_model(model_path: str | None, device: str = "auto", precision: str = 
 
     Outside a worker (a plain call) the model is loaded and not kept.
     """
-    from .model import load_model
+    from napari_cytoclip.models.model import load_model
 
     worker = _this_worker()
     if worker is None:
@@ -172,9 +172,9 @@ def _predict_file_task(image: str, target: str, model_path: str | None, pixel_si
                        stride_um: float | None, batch_size: int, overwrite: bool, full_resolution: bool,
                        device: str, precision: str) -> str:
     """Predict one section file and write its results folder (the single-process code path)."""
-    from .outputs import write_prediction_folder
-    from .predict import predict_section
-    from .sections import open_section
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import open_section
 
     with _portable_errors():
         model = worker_model(model_path, device, precision)
@@ -200,10 +200,10 @@ def _model_info_task(model_path: str | None, device: str, precision: str) -> dic
 def _encode_chunk_task(image: str, pixel_size_um: float | None, model_path: str | None, device: str,
                        precision: str, polarity: str, grid: dict, cells: np.ndarray, batch_size: int) -> dict:
     """Float16 embeddings of ``cells``: the section is opened here, lazily, and only these windows read."""
-    from .grid import TileGrid
-    from .predict import _prefetch
-    from .sections import open_section
-    from .windows import WindowReader
+    from napari_cytoclip.inference.grid import TileGrid
+    from napari_cytoclip.inference.predict import _prefetch
+    from napari_cytoclip.io.sections import open_section
+    from napari_cytoclip.inference.windows import WindowReader
 
     with _portable_errors():
         model = worker_model(model_path, device, precision)
@@ -234,8 +234,8 @@ class _SplitJob:
     def __init__(self, client: Any, section_path: Path, model_path: str | None, bundle: Any, info_future: Any, *,
                  pixel_size_um: float | None, stride_um: float | None, batch_size: int, chunk_cells: int,
                  device: str, precision: str, section: Any = None):
-        from .predict import plan_grid
-        from .sections import open_section
+        from napari_cytoclip.inference.predict import plan_grid
+        from napari_cytoclip.io.sections import open_section
 
         self.t0 = time.perf_counter()
         self.path = Path(section_path)
@@ -279,8 +279,8 @@ class _SplitJob:
 
     def finish(self):
         """The :class:`predict.Prediction`, decoded on the client from the gathered embeddings."""
-        from .cache import expected_signature
-        from .predict import Prediction, decode_labels
+        from napari_cytoclip.inference.cache import expected_signature
+        from napari_cytoclip.inference.predict import Prediction, decode_labels
 
         try:
             info = self.info_future.result()
@@ -307,8 +307,8 @@ class _SplitJob:
 
 
 def _bundle_for(model_path: str | Path | None):
-    from .bundle import BUNDLE_WEIGHTS, default_bundle_path, load_bundle
-    from .errors import BundleError
+    from napari_cytoclip.models.bundle import BUNDLE_WEIGHTS, default_bundle_path, load_bundle
+    from napari_cytoclip.errors import BundleError
 
     if model_path is None:
         path = default_bundle_path()
@@ -360,8 +360,8 @@ def predict_section_distributed(section_path: str | Path, client: Any, model_pat
 
 # --------------------------------------------------------------------------------- many sections
 def _targets(images: Sequence[Path], out: Path, overwrite: bool) -> list[Path]:
-    from .cli import image_stem  # the same results-folder names as the single-process CLI
-    from .io_utils import check_output_folder
+    from napari_cytoclip.cli import image_stem  # the same results-folder names as the single-process CLI
+    from napari_cytoclip.io.safe_files import check_output_folder
 
     targets, seen = [], {}
     for image in images:
@@ -377,7 +377,7 @@ def _targets(images: Sequence[Path], out: Path, overwrite: bool) -> list[Path]:
 
 
 def _grid_cells(section: Any, bundle: Any, stride_um: float | None) -> int:
-    from .grid import TileGrid
+    from napari_cytoclip.inference.grid import TileGrid
 
     grid = TileGrid.covering(section.shape, section.require_pixel_size(), float(stride_um or bundle.stride_um))
     return int(np.prod(grid.shape))
@@ -496,7 +496,7 @@ def predict_many(images: Sequence[str | Path], out: str | Path, *, model: str | 
 
 def _open_for_split(image: Path, pixel_size_um: float | None):
     """The section opened lazily on the client when it is a TIFF (a candidate for splitting), else None."""
-    from .sections import open_section
+    from napari_cytoclip.io.sections import open_section
 
     if image.suffix.lower() not in TIFF_SUFFIXES:
         return None
@@ -509,7 +509,7 @@ def _open_for_split(image: Path, pixel_size_um: float | None):
 
 
 def write_split(job: _SplitJob, target: Path, overwrite: bool, full_resolution: bool) -> Path:
-    from .outputs import write_prediction_folder
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
 
     prediction = job.finish()
     with _local_dask():

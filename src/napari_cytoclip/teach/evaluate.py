@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import CytoclipError
-from .io_utils import atomic_write_text, atomic_write_with, check_output_folder, new_output_folder
-from .model import CytoClip
-from .outputs import now_iso, upsample_rows
+from napari_cytoclip.errors import CytoclipError
+from napari_cytoclip.io.safe_files import atomic_write_text, atomic_write_with, check_output_folder, new_output_folder
+from napari_cytoclip.models.model import CytoClip
+from napari_cytoclip.outputs.prediction_folder import now_iso, upsample_rows
 
 REPORT_JSON = "report.json"
 CONFUSION_PNG = "confusion.png"
@@ -79,10 +79,10 @@ def _check_inputs(images: list[Path], labels: list[Path], pixel_sizes, out: Path
 
 def _evaluate_image(model: CytoClip, image: Path, label_path: Path, pixel_size: float | None, ignore: tuple,
                     n_classes: int, stride_um: float | None, batch_size: int, progress: Progress | None) -> dict:
-    from .allen import majority_labels
-    from .export import read_label_image
-    from .predict import predict_section
-    from .sections import open_section
+    from napari_cytoclip.allen import majority_labels
+    from napari_cytoclip.teach.export import read_label_image
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import open_section
 
     section = open_section(image, pixel_size_um=pixel_size)
     try:
@@ -121,7 +121,7 @@ def _check_truth_ids(truth: np.ndarray, n_classes: int, ignore: tuple, region_id
 
 def pixel_confusion(truth: np.ndarray, grid_labels: np.ndarray, grid, n_classes: int, ignore: Sequence[int]) -> np.ndarray:
     """Confusion matrix (truth rows, prediction columns) of grid labels painted on the truth's pixel grid."""
-    from .metrics import confusion_matrix
+    from napari_cytoclip.teach.metrics import confusion_matrix
 
     height, width = truth.shape
     cm = np.zeros((n_classes, n_classes), np.int64)
@@ -133,7 +133,7 @@ def pixel_confusion(truth: np.ndarray, grid_labels: np.ndarray, grid, n_classes:
 
 
 def _report(model: CytoClip, cm: np.ndarray, ignore: tuple, per_image: list[dict], stride_um: float | None) -> dict:
-    from .metrics import scores_from_confusion
+    from napari_cytoclip.teach.metrics import scores_from_confusion
 
     names = {r.id: r.name for r in model.regions}
     support = cm.sum(1)
@@ -201,7 +201,7 @@ def retrieval_report(model: CytoClip, embeddings: np.ndarray, tile_labels: np.nd
 
 
 def _ranking_scores(similarity: np.ndarray, tile_labels: np.ndarray, label: int) -> dict:
-    from .metrics import top_fraction_precision
+    from napari_cytoclip.teach.metrics import top_fraction_precision
 
     order = np.argsort(-similarity, kind="stable")
     hits = tile_labels[order] == label
@@ -213,7 +213,7 @@ def _ranking_scores(similarity: np.ndarray, tile_labels: np.ndarray, label: int)
 
 
 def _write_report(report: dict, cm: np.ndarray, model: CytoClip, out: Path, overwrite: bool) -> None:
-    from .metrics import plot_confusion, plot_f1_bars
+    from napari_cytoclip.teach.metrics import plot_confusion, plot_f1_bars
 
     ids, names = _plot_classes(cm, report["class_ids"], model)
     scores = {"per_class": {int(k): v for k, v in report["per_region"].items()}, "macro_f1": report["macro_f1"]}
@@ -237,10 +237,10 @@ def evaluate_allen_split(model: CytoClip, split: str = "test", data_dir: str | P
                          queries: dict[int, Sequence[str] | str] | None = None, **kwargs) -> dict:
     """:func:`evaluate` on the Allen plates of ``split``, each at its own estimated pixel size.
 
-    ``queries`` defaults to :data:`~napari_cytoclip.vocabularies.ALLEN_PARAPHRASES`.
+    ``queries`` defaults to :data:`~napari_cytoclip.models.vocabularies.ALLEN_PARAPHRASES`.
     """
-    from .allen import IGNORED_LABELS, plates
-    from .vocabularies import ALLEN_PARAPHRASES
+    from napari_cytoclip.allen import IGNORED_LABELS, plates
+    from napari_cytoclip.models.vocabularies import ALLEN_PARAPHRASES
 
     chosen = [p for p in plates(data_dir, split) if plate_numbers is None or p.number in plate_numbers]
     if not chosen:

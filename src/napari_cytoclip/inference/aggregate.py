@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from .cputhreads import cpu_threads
+from napari_cytoclip.inference.cputhreads import cpu_threads
 
 MAX_VOTE_SHIFTS = 81  # footprints wider than 9 x 9 cells vote by box sums (cost independent of their size)
 

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import SectionError
+from napari_cytoclip.errors import SectionError
 
 MAX_GRID_CELLS = 4_000_000  # 2000 x 2000 cells: 100 um cells over 20 x 20 cm, 10 um cells over 2 x 2 cm
 NOMINAL_TILES_PER_S = 150.0  # the shipped model on a laptop CPU; only used to say how long a refused plan would take

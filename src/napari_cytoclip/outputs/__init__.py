@@ -1,0 +1,1 @@
+"""Writing results: prediction folders (TIFFs, JSON, regions) and QuPath GeoJSON."""

@@ -1,0 +1,1 @@
+"""Learning from corrections: pairs, export, training, evaluation and the live learner."""

@@ -9,7 +9,10 @@ Models compared (same windows, same grid, same pixelwise scoring):
     same multi-scale windows, fitted on training-split plates only.
 Scores: pixelwise per-region precision/recall/F1, macro-F1 and accuracy over the 14 divisions
 (labels 0 and 15 ignored), and free-text retrieval precision (top 10% of test tiles) for each
-region name and for a paraphrase never used in training.
+region name and for paraphrases that share no content word with any training caption.
+
+The shipped model is measured as users run it (``precision="auto"``: bf16 on CPUs with native bf16).
+Writes ``summary.json`` and ``card.md`` (the tables README.md cites) into ``--out``.
 """
 from __future__ import annotations
 
@@ -96,17 +99,22 @@ def main(argv=None) -> None:
     ap.add_argument("--stride-um", type=float, default=None)
     ap.add_argument("--probe-stride-um", type=float, default=400.0, help="window spacing for probe training pairs")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the shipped model's precision (default: what users get)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     test = allen.plates(args.data, "test")
     t0 = time.time()
-    model = load_model(args.model, device="cpu", precision="fp32")
+    model = load_model(args.model, device="auto", precision=args.precision)
     stride = args.stride_um or model.bundle.stride_um
-    summary = {"test_plates": [p.number for p in test], "stride_um": stride}
+    summary = {"test_plates": [p.number for p in test], "stride_um": stride, "machine": machine(),
+               "precision": model_precision(model), "device": str(model.device)}
     report = evaluate_allen_split(model, "test", args.data, out=out / "shipped", stride_um=stride,
                                   overwrite=True)
     summary["shipped"] = {k: report[k] for k in ("macro_f1", "accuracy")}
+    summary["shipped_per_region"] = {v["name"]: v["f1"] for v in report["per_region"].values()}
+    summary["retrieval"] = report["retrieval"]
     print(f"shipped model: macro-F1 {report['macro_f1']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
     if not args.skip_baselines:
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +138,54 @@ def main(argv=None) -> None:
             print(f"linear probe: macro-F1 {scores['macro_f1']:.3f}", flush=True)
     summary["seconds"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
+    card = card_markdown(summary)
+    (out / "card.md").write_text(card)
+    print(card)
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"load {load:.1f} at the start")
+
+
+def model_precision(model) -> str:
+    return str(getattr(model, "precision", None) or getattr(model, "dtype", "unknown"))
+
+
+def card_markdown(s: dict) -> str:
+    """The model card tables, generated from one run's summary."""
+    lines = [f"Measured by `python scripts/model_card.py --out docs/model_card` on the {len(s['test_plates'])} "
+             f"held-out Allen test plates (number % 5 == 0), {s['stride_um']:g} um grid, shipped model in "
+             f"{s['precision']} on {s['device']} ({s['machine']}).", "",
+             "| model | macro-F1 | accuracy |", "|---|---|---|",
+             f"| **shipped `cytoclip-allen-mouse`** (zero-shot from region prompts) | **{s['shipped']['macro_f1']:.3f}** "
+             f"| **{s['shipped']['accuracy']:.3f}** |"]
+    if "untrained_dual_encoder" in s:
+        u, p = s["untrained_dual_encoder"], s["imagenet_linear_probe"]
+        lines += [f"| untrained dual encoder (same towers, random projections) | {u['macro_f1']:.3f} | {u['accuracy']:.3f} |",
+                  f"| linear probe on frozen ImageNet EfficientNet-Lite0 features, same windows | {p['macro_f1']:.3f} "
+                  f"| {p['accuracy']:.3f} |"]
+    lines += ["", "Per region (F1, shipped model): " + ", ".join(f"{k} {v:.2f}" for k, v in s["shipped_per_region"].items())
+              + ".", ""]
+    r = s["retrieval"]
+    lines += [f"Free text, region names: precision@10 averages {r['mean_precision_at_10_regions']:.2f}, "
+              f"top-10% precision {r['mean_top10pct_precision_regions']:.2f}.",
+              "Paraphrases sharing no content word with any training caption (all of them, failures included; "
+              "chance = the region's share of test tiles):", "",
+              "| query | region | precision@10 | top-10% precision | chance |", "|---|---|---|---|---|"]
+    for q in r["queries"]:
+        lines.append(f"| {q['text']} | {q['region_name']} | {q.get('precision_at_10', float('nan')):.1f} "
+                     f"| {q['top_fraction_precision']:.2f} | {q['chance']:.2f} |")
+    good = sum(q["top_fraction_precision"] >= 0.5 for q in r["queries"])
+    lines += ["", f"{good} of {len(r['queries'])} paraphrases reach a top-10% precision of 0.5 or more; "
+              f"mean top-10% precision {r['mean_top10pct_precision_queries']:.2f}.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import InputSpec, Region
-from .sections import Section, open_section
-from .tissue import tissue_mask
-from .grid import TileGrid
+from napari_cytoclip.models.bundle import InputSpec, Region
+from napari_cytoclip.io.sections import Section, open_section
+from napari_cytoclip.io.tissue import tissue_mask
+from napari_cytoclip.inference.grid import TileGrid
 
 IGNORED_LABELS = (0, 15)
 
@@ -84,7 +84,7 @@ def majority_labels(label_map: np.ndarray, centers: np.ndarray, half: float, sam
 def plate_windows(plate: Plate, spec: InputSpec, label_um: float, stride_um: float, rng: np.random.Generator,
                   jitter: bool = True, min_purity: float = 0.6):
     """Windows on a jittered grid over the plate's tissue with their majority labels."""
-    from .windows import WindowReader
+    from napari_cytoclip.inference.windows import WindowReader
 
     section = plate.section()
     mask = tissue_mask(section)
@@ -123,8 +123,8 @@ def build_pair_folders(root: str | Path, split: str, spec: InputSpec, regions: l
 
 
 def _plate_pairs(job) -> int:
-    from .pairs import Pair, write_pairs
-    from .vocabularies import training_captions
+    from napari_cytoclip.teach.pairs import Pair, write_pairs
+    from napari_cytoclip.models.vocabularies import training_captions
 
     folder, plate, spec, regions, label_um, stride_um, seed = job
     if (folder / "pairs.csv").exists():

@@ -1,43 +1,45 @@
 """Whole-slide prediction speed and memory on a 40,960 px pyramidal JPEG BigTIFF mosaic of Allen plates.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_predict.py [--work /tmp/cytoclip-bench] [--max-tiles 3072]
-
-A smaller run for a busy machine (what benchmarks/README.md reports):
-
-    HF_HUB_OFFLINE=1 python benchmarks/bench_predict.py --rounds 2 --max-tiles 1024 --naive-tiles 512 \
-        --rss-stride 1600 --skip-chunked
+    HF_HUB_OFFLINE=1 python benchmarks/bench_predict.py [--work /tmp/cytoclip-bench] [--max-tiles 3072] \
+        [--section benchmarks/README.md]
 
 Builds the slide with ``make_slide.py`` if missing (about 3 minutes, 236 MB; never commit it), then
-measures in one run:
+runs ``--rounds`` (at least 3) interleaved rounds. Each round measures, on the same ``--max-tiles``
+tissue cells (a contiguous run in the middle of the slide), wall time and CPU time:
 
-1. **Encoder alone**: the shipped model's ``encode_image`` on pre-loaded, pre-normalised
-   channels-last tensors of ``--max-tiles`` tissue tiles (a contiguous run of tissue cells in the
-   middle of the slide), batch ``--batch-size``.
-2. **End to end**: ``predict.predict_iter`` on the same cells of the slide (lazy TIFF reading, JPEG
-   decoding, window cutting and resizing, preprocessing, prefetch thread, encoding, per-batch
-   classification). Steady state = from the first batch out to the last; the one-off planning
-   (thumbnail, tissue mask, grid) is timed on the whole slide. Also with the slide's levels opened as
-   plain zarr arrays instead of dask arrays: a prototype of a proposed ``sections.py`` change.
-   Encoder and end-to-end runs alternate for ``--rounds`` rounds (background load hits both alike);
-   the ratio uses the best round of each. Also per CPU-second of this process (all its threads),
-   and the reader alone (the windows of the timed cells, batch by batch): on a saturated CPU the
-   end-to-end ratio cannot exceed reader rate / (reader rate + encoder rate).
-3. **Naive baseline** in the same run: every grid cell of the same strip of rows (background
-   included, no tissue mask), each tile read on its own, one forward per batch, no prefetch.
-   Whole-slide projections: naive = all grid cells at the naive rate; ours = planning + tissue
-   cells at the end-to-end rate.
-4. **Peak memory** (VmHWM) of a fresh process that runs what ``napari-cytoclip predict`` runs
-   (open, load the model, predict, write the results folder with its embedding cache) on the 40k
-   slide and on its 10k crop: with the real encoder at ``--rss-stride`` (default 400 um: the full
-   slide at 100 um is ~360,000 tissue tiles, about an hour on 2 cores) and at the model's 100 um
-   stride with the encoder replaced by a stub (the same reading, grid, embeddings, vote and
-   cache at full size, without the hour of convolutions).
+1. **Encoder alone**: the shipped model's ``encode_image`` on pre-loaded, pre-normalised tensors.
+2. **End to end**: ``predict.predict_iter`` (lazy TIFF reading, JPEG decoding, window cutting and
+   resizing, prefetch thread, encoding, per-batch classification, final vote). Steady state = from
+   the first batch out to the last. The reader thread's own CPU time is taken inside this run
+   (``time.thread_time`` around each ``WindowReader.read``; the real reader, only timed).
+3. **Naive baseline**: every grid cell of the same rows (background included, no tissue mask),
+   each tile read on its own, one forward per batch, no prefetch (``--naive-tiles`` of them).
+4. **Stages alone**: reading the windows (``WindowReader``, one thread: thread CPU time), the
+   aggregation (probabilities + neighbourhood vote, ``decode_labels``, on the end-to-end run's
+   embeddings) and writing the results folder (``write_prediction_folder``, labels, confidence,
+   embedding cache). CPU time is ``time.process_time`` (all threads) unless named thread CPU.
+
+Every figure is printed with the 1-minute load average seen when it was taken. Medians over the
+rounds are reported with their spread (min-max). A goal counts as "met" only when every round
+meets it and the load stayed at or below the core count; when the rounds straddle the goal (or 1.0
+for a ratio) or the machine was overloaded, it is reported as "unresolved on this machine".
+
+Then **peak memory** (VmHWM) of fresh processes that run what ``napari-cytoclip predict`` runs
+(open, load the model, predict, write the results folder with its cache) on the 40k slide and its
+10k crop: with the real encoder at ``--rss-stride`` and at the model's 100 um stride with the
+encoder replaced by a stub (the same reading, grid, embeddings, vote and cache at full size,
+without the hour of convolutions).
+
+The script prints the Markdown section for ``benchmarks/README.md`` (between its
+``<!-- bench_predict:begin/end -->`` markers) and the rows of its goals table; ``--section FILE``
+writes both into FILE.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,6 +52,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BEGIN, END = "<!-- bench_predict:begin -->", "<!-- bench_predict:end -->"
+GOAL_KEYS = ("| end-to-end / bare-encoder", "| speed-up over a naive", "| background tiles skipped", "| peak RSS")
+RATIO_GOAL = 0.9  # issue 5: end-to-end tiles/s >= 0.9 x the bare encoder's
+
+
+def load() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def vm(field: str = "VmHWM") -> float:
@@ -60,41 +70,41 @@ def vm(field: str = "VmHWM") -> float:
     return float("nan")
 
 
-def zarr_section(path: Path):
-    """The slide with its pyramid levels as plain zarr arrays (no dask): the proposed sections.py reading."""
-    import tifffile
-    import zarr
+def spread(values) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    v = [float(x) for x in values]
+    return statistics.median(v), min(v), max(v)
 
-    from napari_cytoclip.io.sections import Section, _tiff_pixel_size
 
-    tif = tifffile.TiffFile(path)
-    series = tif.series[0]
-    group = zarr.open(series.aszarr(), mode="r")
-    levels = [group[k] for k in sorted(group.array_keys(), key=int)] if not hasattr(group, "shape") else [group]
-    return Section(name=path.stem, levels=levels, pixel_size_um=_tiff_pixel_size(tif, series), source=str(path),
-                   _keep_open=[tif])
+def fmt(values, digits: int = 1) -> str:
+    """``median (min-max)``."""
+    m, lo, hi = spread(values)
+    return f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def verdict(values, goal: float, loads, cores: int, also_one: bool = False) -> str:
+    """"met" when every round reaches ``goal`` on a machine not loaded past its cores; "not met" when
+    none does; else "unresolved on this machine". ``also_one``: a ratio whose rounds straddle 1.0
+    is unresolved too (which of the two is faster is not known)."""
+    lo, hi, worst = min(values), max(values), max(loads)
+    if worst > cores:
+        return f"unresolved on this machine (load {worst:.1f} > {cores} cores)"
+    if also_one and lo < 1.0 < hi:
+        return "unresolved on this machine (rounds on both sides of 1.0)"
+    if lo >= goal:
+        return "met"
+    if hi < goal:
+        return "not met"
+    return f"unresolved on this machine (rounds on both sides of {goal:g})"
 
 
 # ------------------------------------------------------------------------------------ memory child
-def chunked_region_probabilities(embeddings, region_embeddings, logit_scale, rows: int = 65536):
-    """``aggregate.region_probabilities`` a block of rows at a time: the float32 copy of the embeddings
-    (the whole slide's, 4 bytes x dim per tile) never exists at once. Was a prototype; ``predict.decode_labels``
-    now works in blocks itself, so this run (skipped with ``--skip-chunked``) no longer differs."""
-    from napari_cytoclip.inference.aggregate import region_probabilities
-
-    n = len(embeddings)
-    out = np.empty((n, len(region_embeddings)), np.float32)
-    for i in range(0, n, rows):
-        out[i:i + rows] = region_probabilities(embeddings[i:i + rows], region_embeddings, logit_scale)
-    return out
-
-
-def rss_child(path: Path, stride: float, stub: bool, chunked: bool = False) -> dict:
+def rss_child(path: Path, stride: float, stub: bool) -> dict:
     """What ``napari-cytoclip predict`` does, in this (fresh) process; returns peak memory and counts."""
-    from napari_cytoclip.models.model import CytoClip, load_model
-    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
     from napari_cytoclip.inference.predict import predict_section
     from napari_cytoclip.io.sections import open_section
+    from napari_cytoclip.models.model import CytoClip, load_model
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
 
     t0 = time.perf_counter()
     section = open_section(path)
@@ -106,33 +116,26 @@ def rss_child(path: Path, stride: float, stub: bool, chunked: bool = False) -> d
 
         def fake(self, windows):
             """Region embedding picked by the widest window's brightness, plus noise: labels as spatially
-            coherent as a real model's (random embeddings would paint salt and pepper, the worst case
-            for the GeoJSON outlines), at no convolution cost."""
+            coherent as a real model's, at no convolution cost."""
             level = windows[..., 2].reshape(len(windows), -1).mean(1) / 255.0
             k = np.clip((level * 3 * len(regions)).astype(int), 0, len(regions) - 1)
             rng = np.random.default_rng(int(windows[:, 32, 32, 0].sum()))
             e = regions[k] + 0.02 * rng.standard_normal((len(windows), dim)).astype(np.float32)
             return e / np.linalg.norm(e, axis=1, keepdims=True)
         CytoClip.encode_windows = fake
-    if chunked:
-        import napari_cytoclip.inference.predict as predict_module
-
-        predict_module.region_probabilities = chunked_region_probabilities
     prediction = predict_section(section, model, stride_um=stride, batch_size=64)
     t_pred = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         write_prediction_folder(prediction, section, Path(tmp) / "out")
         cache = "zarr" if (Path(tmp) / "out" / "cache" / "embeddings.zarr").exists() else "npz"
     return {"path": str(path), "shape": list(section.shape), "stride_um": stride, "stub_encoder": stub,
-            "chunked_decode": chunked,
             "grid": list(prediction.grid.shape), "tiles": int(len(prediction.cells)), "predict_s": t_pred,
             "total_s": time.perf_counter() - t0, "rss_after_model_mb": after_load, "peak_mb": vm("VmHWM"),
-            "cache": cache}
+            "cache": cache, "load": load()}
 
 
-def run_child(path: Path, stride: float, stub: bool, chunked: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--rss-child", str(path), "--stride-um", str(stride)] + \
-        (["--stub"] if stub else []) + (["--chunked-decode"] if chunked else [])
+def run_child(path: Path, stride: float, stub: bool) -> dict:
+    cmd = [sys.executable, __file__, "--rss-child", str(path), "--stride-um", str(stride)] + (["--stub"] if stub else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
@@ -141,84 +144,279 @@ def run_child(path: Path, stride: float, stub: bool, chunked: bool = False) -> d
 
 
 # ------------------------------------------------------------------------------------ speed
-def encoder_only(model, tensors) -> tuple[float, float]:
-    """Tiles per wall second and per CPU second of this process (reader thread included)."""
+class Clock:
+    """Wall and process-CPU seconds of a block, and the load average at its end."""
+
+    def __enter__(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t
+        self.cpu = time.process_time() - self.c
+        self.load = load()
+
+
+def encoder_only(model, tensors) -> dict:
     import torch
 
-    t, c = time.perf_counter(), time.process_time()
-    n = 0
-    with torch.inference_mode():
+    with Clock() as c, torch.inference_mode():
+        n = 0
         for x in tensors:
             torch.nn.functional.normalize(model.model.encode_image(x), dim=-1)
             n += len(x)
-    return n / (time.perf_counter() - t), n / max(time.process_time() - c, 1e-9)
+    return {"tiles": n, "wall_s": c.wall, "cpu_s": c.cpu, "load": c.load}
 
 
-def end_to_end(section, model, cells, batch) -> dict:
-    from napari_cytoclip.inference.predict import predict_iter
-
-    t0 = time.perf_counter()
-    gen = predict_iter(section, model, cells=cells, batch_size=batch)
-    first = None
-    try:
-        while True:
-            res = next(gen)
-            if first is None:
-                first = (time.perf_counter(), res.done, time.process_time())
-    except StopIteration as stop:
-        pred = stop.value
-    t1, c1 = time.perf_counter(), time.process_time()
-    steady = (len(cells) - first[1]) / (t1 - first[0])
-    return {"steady": steady, "steady_cpu": (len(cells) - first[1]) / max(c1 - first[2], 1e-9), "with_plan": len(cells) / (t1 - t0), "plan_s": pred.timings["plan_s"],
-            "encode_share": pred.timings["encode_s"] / (t1 - t0)}
-
-
-def naive(section, model, cells, grid, batch) -> float:
-    """Each tile read alone, one forward per batch, no prefetch, no tissue mask."""
-    from napari_cytoclip.io.tissue import detect_polarity
+def end_to_end(section, model, cells, batch) -> tuple[dict, object]:
+    """``predict_iter`` on ``cells``, with the reader thread's CPU time taken around each read."""
+    import napari_cytoclip.inference.predict as predict_module
     from napari_cytoclip.inference.windows import WindowReader
 
-    t = time.perf_counter()
-    reader = WindowReader(section, model.input, detect_polarity(section))
-    pending = []
-    for cell in cells:
-        pending.append(reader.read(grid.centers(cell[None]))[0])
-        if len(pending) == batch:
+    reader_cpu = [0.0]
+
+    class TimedReader(WindowReader):  # the real reader; only its thread CPU time is added up
+        def read(self, centers_px):
+            t = time.thread_time()
+            try:
+                return super().read(centers_px)
+            finally:
+                reader_cpu[0] += time.thread_time() - t
+
+    original = predict_module.WindowReader
+    predict_module.WindowReader = TimedReader
+    try:
+        with Clock() as c:
+            gen = predict_module.predict_iter(section, model, cells=cells, batch_size=batch)
+            first = None
+            try:
+                while True:
+                    res = next(gen)
+                    if first is None:
+                        first = (time.perf_counter(), res.done, time.process_time())
+            except StopIteration as stop:
+                pred = stop.value
+    finally:
+        predict_module.WindowReader = original
+    t1, c1 = c.t + c.wall, c.c + c.cpu
+    steady = len(cells) - first[1]
+    return ({"tiles": len(cells), "steady_tiles": steady, "steady_wall_s": t1 - first[0],
+             "steady_cpu_s": c1 - first[2], "wall_s": c.wall, "cpu_s": c.cpu, "plan_s": pred.timings["plan_s"],
+             "encode_wall_s": pred.timings["encode_s"], "reader_thread_cpu_s": reader_cpu[0], "load": c.load}, pred)
+
+
+def naive(section, model, cells, grid, batch) -> dict:
+    """Each tile read alone, one forward per batch, no prefetch, no tissue mask."""
+    from napari_cytoclip.inference.windows import WindowReader
+    from napari_cytoclip.io.tissue import detect_polarity
+
+    with Clock() as c:
+        reader = WindowReader(section, model.input, detect_polarity(section))
+        pending = []
+        for cell in cells:
+            pending.append(reader.read(grid.centers(cell[None]))[0])
+            if len(pending) == batch:
+                model.encode_windows(np.stack(pending))
+                pending = []
+        if pending:
             model.encode_windows(np.stack(pending))
-            pending = []
-    if pending:
-        model.encode_windows(np.stack(pending))
-    return len(cells) / (time.perf_counter() - t)
+    return {"tiles": len(cells), "wall_s": c.wall, "cpu_s": c.cpu, "load": c.load}
+
+
+def stages(section, model, grid, cells, polarity, batch, pred) -> dict:
+    """Reading, aggregation and writing, each alone."""
+    from napari_cytoclip.inference.predict import decode_labels
+    from napari_cytoclip.inference.windows import WindowReader
+    from napari_cytoclip.outputs.prediction_folder import write_prediction_folder
+
+    reader = WindowReader(section, model.input, polarity)
+    t = time.thread_time()
+    with Clock() as c:
+        for i in range(0, len(cells), batch):
+            reader.read(grid.centers(cells[i:i + batch]))
+    out = {"read": {"wall_s": c.wall, "cpu_s": c.cpu, "thread_cpu_s": time.thread_time() - t, "load": c.load}}
+    with Clock() as c:
+        decode_labels(pred.cells, pred.embeddings, model.region_embeddings(), [r.id for r in model.regions],
+                      pred.grid, model.bundle.label_um, model.logit_scale)
+    out["aggregate"] = {"wall_s": c.wall, "cpu_s": c.cpu, "load": c.load}
+    with tempfile.TemporaryDirectory() as tmp, Clock() as c:
+        write_prediction_folder(pred, section, Path(tmp) / "out")
+    out["write"] = {"wall_s": c.wall, "cpu_s": c.cpu, "load": c.load}
+    return out
+
+
+# ------------------------------------------------------------------------------------ report
+def report(r: dict) -> tuple[list[str], list[str]]:
+    """(the README section's lines, the goals-table rows), from the results of one run."""
+    rounds, cores = r["rounds"], r["cores"]
+    n, nn = r["timed_tiles"], r["naive_cells"]
+    enc = [x["encoder"]["tiles"] / x["encoder"]["wall_s"] for x in rounds]
+    enc_cpu = [x["encoder"]["tiles"] / x["encoder"]["cpu_s"] for x in rounds]
+    e2e = [x["e2e"]["steady_tiles"] / x["e2e"]["steady_wall_s"] for x in rounds]
+    e2e_cpu = [x["e2e"]["steady_tiles"] / x["e2e"]["steady_cpu_s"] for x in rounds]
+    nav = [x["naive"]["tiles"] / x["naive"]["wall_s"] for x in rounds]
+    ratio = [a / b for a, b in zip(e2e, enc)]
+    ratio_cpu = [a / b for a, b in zip(e2e_cpu, enc_cpu)]
+    per_tile_naive = [a / b for a, b in zip(e2e, nav)]
+    ours_s = [r["plan_s"] + r["tissue_cells"] / v for v in e2e]
+    naive_s = [r["grid_cells"] / v for v in nav]
+    slide_speedup = [b / a for a, b in zip(ours_s, naive_s)]
+    loads = [x[k]["load"] for x in rounds for k in ("encoder", "e2e", "naive")]
+    ms = lambda key, part: [1000 * x["stages"][key][part] / n for x in rounds]  # noqa: E731
+    read_thread = [1000 * x["stages"]["read"]["thread_cpu_s"] / n for x in rounds]
+    read_in_e2e = [1000 * x["e2e"]["reader_thread_cpu_s"] / n for x in rounds]
+    enc_ms_cpu = [1000 / v for v in enc_cpu]
+    ceiling = [e / (e + rd) for e, rd in zip(enc_ms_cpu, read_thread)]
+    v_ratio = verdict(ratio, RATIO_GOAL, loads, cores, also_one=True)
+    v_naive = verdict(slide_speedup, 1.0, loads, cores)
+    lo_load, hi_load = min(loads), max(loads)
+
+    L = ["## `bench_predict.py`: whole-slide speed, naive baseline, background, peak memory", "",
+         f"    {r['command']}", "",
+         f"Generated by the command above in one run ({r['date']}). Machine: {r['machine']}. "
+         f"Shipped model, batch {r['batch']}, {r['grid_stride_um']:g} um grid; {n} tissue tiles timed per round "
+         f"(the defaults time 3072), naive baseline on {nn} cells; {len(rounds)} interleaved rounds; medians "
+         f"with the spread (min-max) of the rounds; load = 1-minute load average when the figure was taken "
+         f"({lo_load:.1f} to {hi_load:.1f} on {cores} cores over the timed rounds).", "",
+         f"Slide {r['shape'][1]} x {r['shape'][0]} px at {r['pixel_size_um']:g} um/px: grid {r['grid'][0]} x "
+         f"{r['grid'][1]} = {r['grid_cells']} cells, {r['tissue_cells']} tissue, "
+         f"{100 * r['background_skipped']:.1f}% background skipped; planning {r['plan_s']:.2f} s "
+         f"(load {r['plan_load']:.1f}).", "",
+         "Per round:", "",
+         "| round | encoder tiles/s | end to end tiles/s | ratio | naive tiles/s | encoder tiles/CPU-s | "
+         "end to end tiles/CPU-s | load (enc / e2e / naive) |",
+         "|---|---|---|---|---|---|---|---|"]
+    for i, x in enumerate(rounds):
+        L.append(f"| {i + 1} | {enc[i]:.1f} | {e2e[i]:.1f} | {ratio[i]:.2f} | {nav[i]:.1f} | {enc_cpu[i]:.1f} | "
+                 f"{e2e_cpu[i]:.1f} | {x['encoder']['load']:.1f} / {x['e2e']['load']:.1f} / {x['naive']['load']:.1f} |")
+    ld = {k: [x[k]["load"] for x in rounds] for k in ("encoder", "e2e", "naive")}
+    both = lambda *ks: [v for k in ks for v in ld[k]]  # noqa: E731
+    L += ["", "Medians (min-max) over the rounds, with the load of the rounds behind each figure:", "",
+          "| figure | median (min-max) | load | verdict |", "|---|---|---|---|",
+          f"| encoder alone, tiles/s | {fmt(enc)} | {fmt(ld['encoder'])} | |",
+          f"| end to end (`predict_iter`, steady), tiles/s | {fmt(e2e)} | {fmt(ld['e2e'])} | |",
+          f"| end to end / encoder, wall (goal >= {RATIO_GOAL:g}) | {fmt(ratio, 2)} | "
+          f"{fmt(both('encoder', 'e2e'))} | {v_ratio} |",
+          f"| end to end / encoder, per CPU-second of this process | {fmt(ratio_cpu, 2)} | "
+          f"{fmt(both('encoder', 'e2e'))} | |",
+          f"| naive, tiles/s | {fmt(nav)} | {fmt(ld['naive'])} | |",
+          f"| end to end / naive, per tile | {fmt(per_tile_naive, 2)} | {fmt(both('e2e', 'naive'))} | |",
+          f"| whole slide, projected minutes: ours | {fmt([s / 60 for s in ours_s], 0)} | {fmt(ld['e2e'])} | |",
+          f"| whole slide, projected minutes: naive | {fmt([s / 60 for s in naive_s], 0)} | {fmt(ld['naive'])} | |",
+          f"| whole-slide speed-up over naive (goal > 1) | {fmt(slide_speedup, 2)} | {fmt(both('e2e', 'naive'))} | "
+          f"{v_naive} |",
+          "", "Per-stage cost per tile, each stage alone (ms; CPU = all threads of this process unless marked "
+          "thread):", "",
+          "| stage | wall ms/tile | CPU ms/tile | load |", "|---|---|---|---|",
+          f"| reading windows (`WindowReader`, one thread) | {fmt(ms('read', 'wall_s'), 2)} | "
+          f"{fmt(read_thread, 2)} thread | {fmt([x['stages']['read']['load'] for x in rounds])} |",
+          f"| reading windows, inside the end-to-end run (reader thread) | | {fmt(read_in_e2e, 2)} thread | |",
+          f"| encoder (pre-loaded tensors) | {fmt([1000 / v for v in enc], 2)} | {fmt(enc_ms_cpu, 2)} | "
+          f"{fmt([x['encoder']['load'] for x in rounds])} |",
+          f"| aggregation and vote (`decode_labels`, {n} tiles on a {r['grid'][0]} x {r['grid'][1]} grid) | "
+          f"{fmt(ms('aggregate', 'wall_s'), 2)} | {fmt(ms('aggregate', 'cpu_s'), 2)} | "
+          f"{fmt([x['stages']['aggregate']['load'] for x in rounds])} |",
+          f"| writing the results folder (`write_prediction_folder`, whole-grid rasters) | "
+          f"{fmt(ms('write', 'wall_s'), 2)} | {fmt(ms('write', 'cpu_s'), 2)} | "
+          f"{fmt([x['stages']['write']['load'] for x in rounds])} |",
+          "",
+          f"From the CPU times alone: with no idle core to overlap reading and encoding, end to end would run at "
+          f"encoder CPU / (encoder CPU + reading CPU) = {fmt(ceiling, 3)} of the encoder's speed (a derived bound, "
+          f"not a measured ratio). Aggregation and writing are paid once per section, not per batch; their "
+          f"per-tile figures above are for the {n} timed tiles and the whole-slide grid's rasters.", ""]
+    goals = [
+        f"| end-to-end / bare-encoder tiles/s >= {RATIO_GOAL:g} | {fmt(ratio, 2)} (median, min-max of "
+        f"{len(rounds)} rounds; per CPU-second {fmt(ratio_cpu, 2)}; load {lo_load:.1f}-{hi_load:.1f} on {cores} "
+        f"cores) | {v_ratio} |",
+        f"| speed-up over a naive baseline | {fmt(slide_speedup, 2)}x for the whole slide ({fmt(per_tile_naive, 2)}x "
+        f"per tile, the rest from skipping background; load {lo_load:.1f}-{hi_load:.1f}) | {v_naive} |",
+        f"| background tiles skipped | {100 * r['background_skipped']:.1f}% of the {r['grid_cells']:,} grid cells of "
+        f"the 40k slide | measured (no goal value) |"]
+    mem = r.get("memory")
+    if mem:
+        L += ["Peak memory (VmHWM) of a fresh process: open, load model, predict, write results + cache:", "",
+              "| section | stride um | encoder | grid | tiles | MB after model | peak MB | cache | s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for m in mem:
+            L.append(f"| {Path(m['path']).name} | {m['stride_um']:g} | {'stub' if m['stub_encoder'] else 'real'} | "
+                     f"{'x'.join(map(str, m['grid']))} | {m['tiles']} | {m['rss_after_model_mb']:.0f} | "
+                     f"{m['peak_mb']:.0f} | {m['cache']} | {m['total_s']:.0f} | {m['load']:.1f} |")
+        L.append("")
+        peak = max(m["peak_mb"] for m in mem)
+        pairs = {(Path(m["path"]).name == Path(r["slide"]).name, m["stride_um"], m["stub_encoder"]): m["peak_mb"]
+                 for m in mem}
+        same = "; ".join(f"{pairs[(True, s, st)]:.0f} vs {pairs[(False, s, st)]:.0f} MB "
+                         f"({'stub' if st else 'real'} encoder, {s:g} um grid)"
+                         for (big, s, st) in pairs if big and (False, s, st) in pairs)
+        goals.append(f"| peak RSS < 1.5 GB, about the same for the 40k slide and a 10k crop | 40k slide vs crop: "
+                     f"{same} | < 1.5 GB: {'met' if peak < 1536 else 'not met'} (memory does not depend on load) |")
+    else:
+        goals.append("| peak RSS < 1.5 GB, about the same for the 40k slide and a 10k crop | not measured in this "
+                     "run (`--skip-rss`) | not measured |")
+    return L, goals
+
+
+def write_section(path: Path, lines: list[str], goals: list[str]) -> None:
+    """Replace the text between the markers and the goal rows of ``path`` (atomically)."""
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    rows = head.split("\n")
+    for row in goals:
+        key = next(k for k in GOAL_KEYS if row.startswith(k))
+        rows = [row if line.startswith(key) else line for line in rows]
+    text = "\n".join(rows) + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cytoclip-bench")
-    ap.add_argument("--max-tiles", type=int, default=3072, help="tissue tiles timed end to end per round")
+    ap.add_argument("--max-tiles", type=int, default=3072, help="tissue tiles timed per round")
     ap.add_argument("--naive-tiles", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rss-stride", type=float, default=400.0)
     ap.add_argument("--skip-rss", action="store_true")
-    ap.add_argument("--skip-chunked", action="store_true", help="skip the chunked-decode prototype memory run")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--section", type=Path, default=None, help="README whose bench_predict section is rewritten")
+    ap.add_argument("--from-json", type=Path, default=None, help="only print (and write) the report of a --json")
     ap.add_argument("--rss-child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stride-um", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stub", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--chunked-decode", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
-        print(json.dumps(rss_child(args.rss_child, args.stride_um, args.stub, args.chunked_decode)), flush=True)
+        print(json.dumps(rss_child(args.rss_child, args.stride_um, args.stub)), flush=True)
         return 0
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        if args.rounds < 3:
+            ap.error("--rounds must be at least 3 (a median and a spread)")
+        if args.max_tiles < 3 * args.batch_size:
+            ap.error("--max-tiles must be at least 3 batches (the steady state starts after the first)")
+        results = measure(args)
+    lines, goals = report(results)
+    print("\n".join(lines))
+    print("Goals-table rows:")
+    print("\n".join(goals))
+    if args.section:
+        write_section(args.section, lines, goals)
+    return 0
 
+
+def measure(args) -> dict:
     import fastpaths
     import make_slide
 
-    from napari_cytoclip.models.model import load_model
     from napari_cytoclip.inference.predict import plan_grid
-    from napari_cytoclip.io.sections import open_section
     from napari_cytoclip.inference.windows import WindowReader
+    from napari_cytoclip.io.sections import open_section
+    from napari_cytoclip.models.model import load_model
 
+    given = sys.argv[1:]
     slide, crop = make_slide.ensure_slides(args.work / "slide40k.tif", 40960, 10240)
     print(f"machine: {fastpaths.machine()}", flush=True)
     model = load_model(None, device="cpu")
@@ -227,106 +425,54 @@ def main(argv=None) -> int:
     grid, tissue, mask = plan_grid(section, model)
     plan_s = time.perf_counter() - t
     n_grid = int(np.prod(grid.shape))
-    print(f"slide {section.shape[1]} x {section.shape[0]} px at {section.pixel_size_um:g} um/px, grid {grid.shape} "
-          f"at {grid.stride_um:g} um = {n_grid} cells, {len(tissue)} tissue ({100 * (1 - len(tissue) / n_grid):.1f}% "
-          f"background skipped), planned in {plan_s:.2f} s", flush=True)
+    results = {"command": "HF_HUB_OFFLINE=1 " + shlex.join(["python", "benchmarks/bench_predict.py", *given]),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": fastpaths.machine(),
+               "cores": os.cpu_count(), "slide": str(slide), "shape": list(section.shape),
+               "pixel_size_um": section.pixel_size_um, "grid": list(grid.shape), "grid_stride_um": grid.stride_um,
+               "grid_cells": n_grid, "tissue_cells": int(len(tissue)),
+               "background_skipped": 1 - len(tissue) / n_grid, "plan_s": plan_s, "plan_load": load(),
+               "batch": args.batch_size}
+    print(f"grid {grid.shape}, {len(tissue)} tissue cells, planned in {plan_s:.2f} s (load {load():.1f})", flush=True)
 
     mid = len(tissue) // 2
     cells = tissue[mid:mid + args.max_tiles]
     reader = WindowReader(section, model.input, mask.polarity)
-    t, c = time.perf_counter(), time.process_time()
     windows = np.concatenate([reader.read(grid.centers(cells[i:i + args.batch_size]))
                               for i in range(0, len(cells), args.batch_size)])
-    read_rate = (len(cells) / (time.perf_counter() - t), len(cells) / max(time.process_time() - c, 1e-9))
-    print(f"reader alone (WindowReader, batches of {args.batch_size} in grid order, JPEG decoding included): "
-          f"{read_rate[0]:.0f} tiles/s, {read_rate[1]:.0f} tiles per CPU-second", flush=True)
     tensors = [model.preprocess(windows[i:i + args.batch_size]) for i in range(0, len(windows), args.batch_size)]
     model.encode_windows(windows[:args.batch_size])  # oneDNN warm-up
-    zsection = zarr_section(slide)
-
-    enc, enc_cpu, e2e, e2e_z = [], [], [], []
-    for r in range(args.rounds):
-        wall, cpu = encoder_only(model, tensors)
-        enc.append(wall)
-        enc_cpu.append(cpu)
-        e2e.append(end_to_end(section, model, cells, args.batch_size))
-        e2e_z.append(end_to_end(zsection, model, cells, args.batch_size))
-        print(f"  round {r + 1}: encoder {enc[-1]:.1f}, end-to-end {e2e[-1]['steady']:.1f} "
-              f"(zarr levels {e2e_z[-1]['steady']:.1f}) tiles/s; per CPU-second encoder {enc_cpu[-1]:.1f}, "
-              f"end-to-end {e2e[-1]['steady_cpu']:.1f}; load {os.getloadavg()[0]:.1f}", flush=True)
     rows = sorted({int(r) for r in cells[:, 0]})
     strip = np.stack(np.meshgrid(np.asarray(rows), np.arange(grid.shape[1]), indexing="ij"), -1).reshape(-1, 2)
     pick = np.linspace(0, len(strip) - 1, min(args.naive_tiles, len(strip))).astype(int)
     naive_cells = strip[pick].astype(np.int32)
-    naive_tissue = float(np.isin(naive_cells[:, 0] * grid.shape[1] + naive_cells[:, 1],
-                                 tissue[:, 0] * grid.shape[1] + tissue[:, 1]).mean())
-    naive_rate = naive(section, model, naive_cells, grid, args.batch_size)
-    print(f"  naive: {naive_rate:.1f} tiles/s on {len(naive_cells)} cells ({100 * naive_tissue:.0f}% tissue)",
-          flush=True)
+    results.update(timed_tiles=int(len(cells)), naive_cells=int(len(naive_cells)), rounds=[])
 
-    best_enc = max(enc)
-    best = max(e2e, key=lambda d: d["steady"])
-    best_z = max(e2e_z, key=lambda d: d["steady"])
-    ours_s = plan_s + len(tissue) / best["steady"]
-    naive_s = n_grid / naive_rate
-    results = {"machine": fastpaths.machine(), "slide": str(slide), "shape": list(section.shape),
-               "pixel_size_um": section.pixel_size_um, "grid": list(grid.shape), "grid_cells": n_grid,
-               "tissue_cells": int(len(tissue)), "background_skipped": 1 - len(tissue) / n_grid, "plan_s": plan_s,
-               "timed_tiles": int(len(cells)), "encoder_tiles_per_s": enc, "encoder_tiles_per_cpu_s": enc_cpu,
-               "end_to_end": e2e, "ratio_cpu": max(d["steady_cpu"] for d in e2e) / max(enc_cpu),
-               "reader_tiles_per_s": read_rate[0], "reader_tiles_per_cpu_s": read_rate[1],
-               "end_to_end_zarr": e2e_z, "naive_tiles_per_s": naive_rate, "naive_cells": int(len(naive_cells)),
-               "ratio": best["steady"] / best_enc, "ratio_zarr": best_z["steady"] / best_enc,
-               "ratio_per_round_median": statistics.median(d["steady"] / e for d, e in zip(e2e, enc)),
-               "ratio_zarr_per_round_median": statistics.median(d["steady"] / e for d, e in zip(e2e_z, enc)),
-               "projected_ours_s": ours_s, "projected_naive_s": naive_s, "speedup_vs_naive": naive_s / ours_s,
-               "per_tile_speedup_vs_naive": best["steady"] / naive_rate}
-
-    print()
-    print(f"Speed on the 40k slide ({len(cells)} tissue tiles timed, batch {args.batch_size}, best of {args.rounds} "
-          "interleaved rounds)")
-    print(f"{'':<46}{'tiles/s':>9}{'ratio':>8}")
-    print(f"{'encoder alone (pre-loaded tensors)':<46}{best_enc:>9.1f}{1.0:>8.2f}")
-    print(f"{'end to end, predict_iter (steady)':<46}{best['steady']:>9.1f}{results['ratio']:>8.2f}")
-    print(f"{'end to end, zarr levels (proposed)':<46}{best_z['steady']:>9.1f}{results['ratio_zarr']:>8.2f}")
-    print(f"{'naive (per-tile reads, no prefetch, no mask)':<46}{naive_rate:>9.1f}{naive_rate / best_enc:>8.2f}")
-    print(f"per CPU-second of this process (all threads; fairer under other load): encoder {max(enc_cpu):.1f}, "
-          f"end to end {max(d['steady_cpu'] for d in e2e):.1f} tiles, ratio {results['ratio_cpu']:.2f}")
-    print(f"reading costs {100 * max(enc_cpu) / read_rate[1]:.1f}% of the encoder's CPU time per tile "
-          f"(reader {read_rate[1]:.0f} vs encoder {max(enc_cpu):.1f} tiles per CPU-second): the ceiling of "
-          f"the end-to-end ratio on a saturated CPU is {read_rate[1] / (read_rate[1] + max(enc_cpu)):.2f}")
-    print(f"end-to-end / encoder, median of the per-round ratios: {results['ratio_per_round_median']:.2f} "
-          f"(zarr levels {results['ratio_zarr_per_round_median']:.2f}); planning the whole slide "
-          f"{best['plan_s']:.2f} s per predict_iter call")
-    print(f"whole slide: {n_grid} grid cells, {len(tissue)} tissue -> {100 * results['background_skipped']:.1f}% "
-          f"skipped; projected {ours_s / 60:.0f} min ours vs {naive_s / 60:.0f} min naive = "
-          f"{results['speedup_vs_naive']:.1f}x ({results['per_tile_speedup_vs_naive']:.2f}x per tile, the rest from "
-          f"skipping background); planning {plan_s:.2f} s")
+    for r in range(args.rounds):
+        x = {"encoder": encoder_only(model, tensors)}
+        x["e2e"], pred = end_to_end(section, model, cells, args.batch_size)
+        x["naive"] = naive(section, model, naive_cells, grid, args.batch_size)
+        x["stages"] = stages(section, model, grid, cells, mask.polarity, args.batch_size, pred)
+        results["rounds"].append(x)
+        e, d, nv = x["encoder"], x["e2e"], x["naive"]
+        print(f"  round {r + 1}: encoder {e['tiles'] / e['wall_s']:.1f} tiles/s (load {e['load']:.1f}), end to end "
+              f"{d['steady_tiles'] / d['steady_wall_s']:.1f} (load {d['load']:.1f}), naive "
+              f"{nv['tiles'] / nv['wall_s']:.1f} (load {nv['load']:.1f})", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=float))
 
     if not args.skip_rss:
-        runs = [(slide, args.rss_stride, False, False), (crop, args.rss_stride, False, False),
-                (slide, 100.0, True, False), (crop, 100.0, True, False)] + \
-            ([] if args.skip_chunked else [(slide, 100.0, True, True)])
         mem = []
-        for path, stride, stub, chunked in runs:
-            r = run_child(path, stride, stub, chunked)
-            mem.append(r)
-            print(f"  memory: {Path(r['path']).name} stride {stride:g} {'stub' if stub else 'model'}"
-                  f"{' chunked decode' if chunked else ''}: "
-                  f"{r['peak_mb']:.0f} MB peak, {r['tiles']} tiles, {r['total_s']:.0f} s", flush=True)
+        for path, stride, stub in [(slide, args.rss_stride, False), (crop, args.rss_stride, False),
+                                   (slide, 100.0, True), (crop, 100.0, True)]:
+            m = run_child(path, stride, stub)
+            mem.append(m)
+            print(f"  memory: {Path(m['path']).name} stride {stride:g} {'stub' if stub else 'model'}: "
+                  f"{m['peak_mb']:.0f} MB peak, {m['tiles']} tiles, {m['total_s']:.0f} s (load {m['load']:.1f})",
+                  flush=True)
         results["memory"] = mem
-        print()
-        print("Peak memory (VmHWM) of a fresh process: open, load model, predict, write results + cache")
-        print(f"{'section':<28}{'stride':>7}{'encoder':>14}{'grid':>12}{'tiles':>9}{'model MB':>10}{'peak MB':>9}"
-              f"{'cache':>7}{'s':>7}")
-        for r in mem:
-            enc_kind = ("stub" if r["stub_encoder"] else "real") + ("+chunked" if r["chunked_decode"] else "")
-            print(f"{Path(r['path']).name:<28}{r['stride_um']:>7g}{enc_kind:>14}"
-                  f"{'x'.join(map(str, r['grid'])):>12}{r['tiles']:>9}{r['rss_after_model_mb']:>10.0f}"
-                  f"{r['peak_mb']:>9.0f}{r['cache']:>7}{r['total_s']:>7.0f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

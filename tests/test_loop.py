@@ -171,3 +171,79 @@ def test_schedule_for_gives_the_step_budget():
     for n in (10, 361, 1397, 3864):
         epochs, per_epoch = loop.schedule_for(n, 60, 32)
         assert abs(epochs * per_epoch - 60) <= epochs // 2 + 1
+
+
+def test_validation_plates_are_disjoint_from_test_and_training_choices():
+    from napari_cytoclip import allen
+
+    plates = allen.plates()
+    val = loop.pick_eval_plates(plates, "val", None)
+    test = loop.pick_eval_plates(plates, "test", None)
+    assert val and all(p.number % 10 == 3 for p in val)
+    assert not {p.number for p in val} & {p.number for p in test}
+    start = loop.weak_subset(plates, 8)
+    chosen = loop.pick_corrected_plates(plates, {p.number for p in start}, 10, seed=0)
+    assert not {p.number for p in val} & ({p.number for p in start} | {p.number for p in chosen})
+    assert len(loop.pick_eval_plates(plates, "val", 3)) == 3
+
+
+@pytest.mark.parametrize("specs, expected", [
+    (["lr=1e-4,3e-4,1e-3"], [{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}]),
+    (["lr=1e-4,1e-3", "steps=100,200"], [{"lr": 1e-4, "steps": 100}, {"lr": 1e-4, "steps": 200},
+                                         {"lr": 1e-3, "steps": 100}, {"lr": 1e-3, "steps": 200}]),
+    (["replay-ratio=0.5,1"], [{"replay_ratio": 0.5}, {"replay_ratio": 1.0}]),
+])
+def test_sweep_grid(specs, expected):
+    assert loop.parse_sweep(specs) == expected
+
+
+@pytest.mark.parametrize("spec", ["weak_lr=1,2", "lr", "lr=", "seed=0,1"])
+def test_sweep_refuses_other_choices(spec):
+    with pytest.raises(SystemExit, match="KEY=V1,V2"):
+        loop.parse_sweep([spec])
+
+
+def test_pick_best_takes_the_best_mean_validation_score():
+    cands = [{"config": {"lr": 1e-4}, "mean_macro_f1": 0.5}, {"config": {"lr": 3e-4}, "mean_macro_f1": 0.7},
+             {"config": {"lr": 1e-3}, "mean_macro_f1": 0.7}]
+    assert loop.pick_best(cands)["config"] == {"lr": 3e-4}  # a tie keeps the first
+
+
+def test_test_split_refuses_before_a_validation_sweep(tmp_path):
+    tiny = tiny_bundle(tmp_path / "tiny").path
+    args = loop.parse_args(["--split", "test", "--work", str(tmp_path / "work"), "--start-model", str(tiny),
+                            "--ks", "1"])
+    with pytest.raises(SystemExit, match="run `--split val`"):
+        loop.Loop(args).main()
+    assert "reports" not in {p.name for p in (tmp_path / "work").iterdir()}  # nothing was scored on test
+
+
+def _score(f1):
+    return {"macro_f1": f1, "accuracy": f1 + 0.1, "per_region": {"Pons": f1, "Isocortex": f1 + 0.05}}
+
+
+def test_generated_text_comes_from_the_results_alone():
+    base = {"config": {"seed": 0, "predict_stride_um": 200.0, "batch_size": 64, "eval_stride_um": 200.0},
+            "corrected_order": [41]}
+    empty = loop.section_lines(base, ["cmd"])
+    assert "Validation sweep: not run to the end" in "\n".join(empty)
+    assert "Test table: not run to the end" in "\n".join(empty)
+    assert "0." not in "\n".join(loop.summary_bullets(base))  # no figure without a run
+    cfg_a, cfg_b = {"lr": 1e-4, "steps": 200, "replay_ratio": 1.0}, {"lr": 1e-3, "steps": 200, "replay_ratio": 1.0}
+    results = {**base,
+               "val": {"split": "val", "plates": [3, 13], "ks": [1], "machine": "cpu, 2 cores, load average 1.0",
+                       "machine_at_end": "m", "data": "/d", "started": "t0", "finished": "t1", "swept": ["lr"],
+                       "scores": {"start": _score(0.5)}, "chosen": cfg_b,
+                       "candidates": [{"config": cfg_a, "scores": {"1": _score(0.511)}, "mean_macro_f1": 0.511},
+                                      {"config": cfg_b, "scores": {"1": _score(0.522)}, "mean_macro_f1": 0.522}]},
+               "test": {"split": "test", "plates": [5, 10], "ks": [1], "machine": "cpu, 2 cores, load average 3.0",
+                        "machine_at_end": "m", "data": "/d", "started": "t2", "finished": "t3", "chosen": cfg_b,
+                        "scores": {"start": _score(0.6), "replay/1": _score(0.633)}},
+               "fine_tune": {f"replay/1@{loop.config_tag(cfg_b)}": {"plates": [41], "pairs": 231, "steps": 200,
+                                                                   "seconds": 90.0, "load_average_after": 2.5}}}
+    text = "\n".join(loop.section_lines(results, ["cmd"]))
+    assert "| 0.001 | 200 | 1 | 0.522 | 0.522 | yes |" in text and "| 0.0001 | 200 | 1 | 0.511 | 0.511 |  |" in text
+    assert "| 1 | 41 | 231 | 200 | 90 | 2.5 | 0.633 | 0.733 | - |" in text
+    assert "load average 3.0" in text and "plate number % 10 == 3" in text
+    bullets = "\n".join(loop.summary_bullets(results))
+    assert "K = 1: 0.633 (+0.033)" in bullets and "lr 0.001" in bullets

@@ -12,7 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from napari_cytoclip.errors import Cancelled, CytoclipError, OutputError
+from napari_cytoclip.outputs.naming import image_stem, progress_bar, results_targets  # noqa: F401 (image_stem: public)
 
 PROG = "napari-cytoclip"
 
@@ -25,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_teach(sub)
+    _add_import_model(sub)
     return parser
 
 
@@ -105,14 +110,59 @@ def _add_export(sub) -> None:
     p.add_argument("--stride-um", type=float, default=None, metavar="UM")
     p.add_argument("--batch-size", type=int, default=64, metavar="N")
     p.add_argument("--full-resolution", action="store_true")
+    p.add_argument("--regions", type=Path, default=None, metavar="REGIONS.csv",
+                   help="names of the ids in LABELS (columns id, name; acronym, colour, description optional); "
+                        "needed for ids the model does not know (new regions)")
+    p.add_argument("--reviewed", action="store_true",
+                   help="the whole section was checked: its unchanged cells count as confirmed")
+    g = p.add_argument_group("tile geometry", "cut the tiles for another model (default: the current model's inputs)")
+    g.add_argument("--tile-px", type=int, default=None, metavar="PX", help="tile side in pixels (e.g. 224)")
+    g.add_argument("--tile-um", type=float, default=None, metavar="UM",
+                   help="micrometres the tile covers (e.g. 224 at 1 um/px)")
+    g.add_argument("--mode", default=None, choices=["rgb", "gray_scales"],
+                   help="rgb: the section's own colours; gray_scales: grey windows of --scales-um as channels")
+    g.add_argument("--scales-um", type=float, nargs="+", default=None, metavar="UM",
+                   help="gray_scales: 1 or 3 window sizes")
+
+
+def _add_import_model(sub) -> None:
+    p = sub.add_parser("import-model", help="make a model bundle from an open_clip checkpoint (bring your own CytoCLIP)")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                   help="what open_clip_train writes (epoch_N.pt) or a bare state dict (.pt, .safetensors)")
+    arch = p.add_mutually_exclusive_group(required=True)
+    arch.add_argument("--arch", default=None, metavar="NAME", help="open_clip architecture name (e.g. ViT-B-32, RN50)")
+    arch.add_argument("--config", type=Path, default=None, metavar="MODEL_CONFIG.json",
+                      help="open_clip model config (embed_dim, vision_cfg, text_cfg) or open_clip_config.json")
+    p.add_argument("--regions", type=Path, required=True, metavar="REGIONS.csv",
+                   help="columns id, name (acronym, color, description, prompts optional), as predict's regions.csv")
+    p.add_argument("--tile-um", type=float, required=True, metavar="UM",
+                   help="micrometres a tile covers (with --scales-um: the square each prediction labels)")
+    p.add_argument("--tile-px", type=int, default=None, metavar="PX",
+                   help="tile side in pixels (default: the architecture's image size)")
+    p.add_argument("--mode", default="rgb", choices=["rgb", "gray_scales"])
+    p.add_argument("--scales-um", type=float, nargs="+", default=None, metavar="UM",
+                   help="gray_scales: 1 or 3 window sizes stacked as channels")
+    p.add_argument("--polarity", default="brightfield", choices=["brightfield", "darkfield"])
+    p.add_argument("--stride-um", type=float, default=None, metavar="UM", help="default grid step (default: --tile-um)")
+    p.add_argument("--name", default=None, help="model name (default: the checkpoint's file name)")
+    p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="new model bundle folder")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def _add_teach(sub) -> None:
+    p = sub.add_parser("teach", help="fit the live learner on exported corrections (seconds on CPU)")
+    p.add_argument("folders", nargs="+", type=Path, metavar="FOLDER", help="export-pairs folders")
+    p.add_argument("--init", type=Path, default=None, metavar="BUNDLE",
+                   help="base model (default: the shipped one); a taught bundle's teaching set is extended")
+    p.add_argument("--out", type=Path, required=True, metavar="NEW_BUNDLE", help="new taught model bundle folder")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="print only the new bundle folder")
 
 
 # ---------------------------------------------------------------------------------------------
 
-def _progress(total: int, desc: str, quiet: bool, unit: str = "tile"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=quiet, leave=False, dynamic_ncols=True)
+_progress = progress_bar  # the tqdm bar every command draws (outputs.naming)
 
 
 def _model(args, path: Path | None):
@@ -158,6 +208,8 @@ def cmd_predict(args) -> int:
         raise ValueError(f"--plane must be at least 0, got {args.plane}")
     targets = _predict_targets(args.images, args.out, args.overwrite)
     if args.scheduler:
+        if args.model is not None and _bundle(args.model).taught:
+            raise CytoclipError(args.model, "a taught model does not run with --scheduler yet; predict without it")
         if args.plane is not None:
             raise ValueError("--plane cannot be combined with --scheduler")
         return _predict_distributed(args)
@@ -192,33 +244,7 @@ def _check_batch(n: int) -> None:
         raise ValueError(f"--batch-size must be at least 1, got {n}")
 
 
-def _predict_targets(images: list[Path], out: Path, overwrite: bool) -> list[Path]:
-    """``out/<stem>`` for each image, refused up front when missing, clashing, already there or not ours."""
-    from napari_cytoclip.errors import SectionError
-    from napari_cytoclip.io.safe_files import check_output_folder
-
-    targets = []
-    for image in images:
-        if not image.is_file():
-            raise SectionError(image, "no such file" if not image.exists() else "is not a file")
-        targets.append(out / image_stem(image))
-    seen: dict[Path, Path] = {}
-    for image, target in zip(images, targets):
-        if target in seen:
-            raise OutputError(target, f"{seen[target]} and {image} would share this results folder; rename one")
-        seen[target] = image
-    for target in targets:
-        check_output_folder(target, overwrite, inputs=images)
-    return targets
-
-
-def image_stem(path: Path) -> str:
-    """The results folder name for an image: its name without the (OME-)TIFF/image suffix."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+_predict_targets = results_targets
 
 
 def _predict_distributed(args) -> int:
@@ -329,16 +355,139 @@ def cmd_export(args) -> int:
 
     _check_batch(args.batch_size)
     labels = read_label_image(args.labels)  # fail early, before any prediction
+    table = _regions_table(args, labels)
     prediction, section, bundle = _prediction_for_export(args)
     try:
         edited = labels_on_grid(labels, prediction.grid, section.shape, source=args.labels)
-        result = export_corrections(section, prediction, edited, args.out, bundle,
-                                    full_resolution=args.full_resolution)
+        regions = _export_regions(args, edited, prediction.regions, table)
+        confirmed = np.ones(edited.shape, bool) if args.reviewed else None
+        features, rows = _export_features(args, prediction, section, edited, confirmed)
+        result = export_corrections(section, prediction, edited, args.out, bundle, confirmed=confirmed,
+                                    regions=regions, full_resolution=args.full_resolution, features=features,
+                                    feature_rows=rows, geometry=_export_geometry(args, bundle))
     finally:
         section.close()
     print(f"{result.folder}: {result.pairs_added} pairs added, {result.pairs_existing} already there "
-          f"({result.corrected_cells} corrected, {result.confirmed_cells} confirmed cells)", flush=True)
+          f"({result.corrected_cells} corrected, {result.confirmed_cells} confirmed cells; "
+          f"{result.taught_cells} teaching examples)", flush=True)
     return 0
+
+
+def _regions_table(args, labels):
+    """The regions of --regions (checked to name every id of LABELS), or None."""
+    from napari_cytoclip.models.bundle import load_regions_csv
+
+    if args.regions is None:
+        return None
+    table = load_regions_csv(args.regions)
+    unknown = sorted(set(int(i) for i in np.unique(labels) if i) - {r.id for r in table})
+    if unknown:
+        raise CytoclipError(args.labels, f"label ids {unknown} are not named in {args.regions}; add a row "
+                                         "(id, name) for each")
+    return table
+
+
+def _export_regions(args, edited, predicted, table):
+    """The prediction's regions, renamed and extended by the --regions table; every id of LABELS named."""
+    by_id = {r.id: r for r in predicted}
+    by_id.update({r.id: r for r in table or []})
+    unknown = sorted(set(int(i) for i in np.unique(edited) if i) - set(by_id))
+    if unknown:
+        raise CytoclipError(args.labels, f"label ids {unknown} are not in the model's region vocabulary; name them with "
+                                         "--regions REGIONS.csv (columns id, name; acronym, colour, description)")
+    return sorted(by_id.values(), key=lambda r: r.id)
+
+
+def _export_features(args, prediction, section, edited, confirmed):
+    """Image features for the teaching examples: the cached ones, else those of the taught cells (and a
+    sample of the others, for standardising) read and encoded again."""
+    from napari_cytoclip.teach.teaching import prediction_features, stats_rows
+
+    if getattr(prediction, "features", None) is not None:
+        return None, None
+    cells = np.asarray(prediction.cells)
+    marked = (edited != np.asarray(prediction.labels)) & (edited > 0)
+    if confirmed is not None:
+        marked |= confirmed & (edited > 0)
+    taught = np.flatnonzero(marked[cells[:, 0], cells[:, 1]]) if len(cells) else np.zeros(0, np.int64)
+    rows = stats_rows(len(cells), taught)
+    model = getattr(args, "_loaded_model", None) or _model(args, args.model)
+    visual = model.model.visual
+    if not (hasattr(visual, "trunk") and hasattr(visual, "head")):  # export teaches on the joint embedding
+        return None, None
+    return prediction_features(prediction, model, section, rows), rows
+
+
+def cmd_teach(args) -> int:
+    """Fit the learner on the teaching sets of export folders (and of a taught --init) into a new bundle."""
+    import time
+
+    from napari_cytoclip.errors import BundleError, CacheMismatch
+    from napari_cytoclip.models.bundle import save_taught_bundle
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.outputs.prediction_folder import now_iso
+    from napari_cytoclip.teach.teaching import fit_learner, load_teaching_set, taught_regions
+
+    if os.path.lexists(args.out):
+        raise OutputError(args.out, "already exists; choose a new folder for the taught model")
+    base = _bundle(args.init)
+    sets = [(load_teaching_set(base.path, BundleError), base.path)] if base.taught else []
+    for folder in args.folders:
+        ts = load_teaching_set(folder)
+        if ts.model.get("hash") != base.weights_hash():
+            raise CacheMismatch(folder, f"its teaching examples were made by model {ts.model.get('name')} "
+                                        f"({ts.model.get('hash')}), not by {base.name} ({base.weights_hash()}); "
+                                        "teach with --init that model, or export again with this one")
+        sets.append((ts, folder))
+    merged = sets[0][0]
+    for ts, folder in sets[1:]:
+        merged = merged.extend(ts, folder)
+    if not merged.taught().any():
+        raise CytoclipError(args.folders[0], "holds no taught cells (nothing painted or confirmed); "
+                                             "paint corrections or export with --reviewed")
+    model = load_model(base, device=args.device)
+    regions = taught_regions(model.regions, merged.regions, list(merged.counts()))
+    t0 = time.perf_counter()
+    learner = fit_learner(merged, model, regions)
+    fit_s = time.perf_counter() - t0
+    prov = _taught_provenance(base, merged, regions, learner, fit_s, now_iso())
+    bundle = save_taught_bundle(base, regions, learner, merged, args.out, prov)
+    print(bundle.path, flush=True)
+    if not args.quiet:
+        counts = merged.counts()
+        by_id = {r.id: r for r in regions}
+        print(f"taught {int(merged.taught().sum())} cells of {len(merged.sources)} section(s) in {fit_s:.1f} s: " + ", ".join(
+            f"{by_id[i].acronym or by_id[i].name} {n}" for i, n in sorted(counts.items()) if i in by_id), flush=True)
+    return 0
+
+
+def _taught_provenance(base, merged, regions, learner, fit_s: float, when: str) -> dict:
+    """What was taught (cells per region), from which sections, when; the base bundle under 'parent'."""
+    import hashlib
+
+    from napari_cytoclip.teach.teaching import CONFIRMED, PAINTED
+
+    known = {r.id for r in base.regions}
+    counts = {}
+    for r in regions:
+        sel = (merged.region == r.id) & merged.taught()
+        if sel.any():
+            counts[str(r.id)] = {"name": r.name, "acronym": r.acronym, "cells": int(sel.sum()),
+                                 "painted": int((sel & (merged.kind == PAINTED)).sum()),
+                                 "confirmed": int((sel & (merged.kind == CONFIRMED)).sum()), "new": r.id not in known}
+    parent = {"name": base.name, "hash": base.weights_hash(), "path": str(base.path), "taught": base.taught,
+              "provenance": base.provenance}
+    if base.taught:
+        parent["learner_sha256"] = hashlib.sha256(base.learner_path.read_bytes()).hexdigest()[:16]
+    return {"taught": {"when": when, "cells": int(merged.taught().sum()), "regions": counts,
+                       "unchanged_context_cells": int((~merged.taught()).sum()),
+                       "sections": [{k: s.get(k) for k in ("name", "hash", "time", "painted", "confirmed")}
+                                    for s in merged.sources],
+                       "features": learner.feature_kind, "fit_s": round(fit_s, 3),
+                       "learner": {"l2": learner.l2, "prior_scale": learner.prior_scale, "balance": learner.balance,
+                                   "alpha": learner.alpha, "radius": learner.radius,
+                                   "self_weight": learner.self_weight}},
+            "parent": parent}
 
 
 def _bundle(path: Path | None):
@@ -360,7 +509,7 @@ def _prediction_for_export(args):
     from napari_cytoclip.io.sections import open_section
 
     if args.prediction is None:
-        model = _model(args, args.model)
+        model = args._loaded_model = _model(args, args.model)
         section = open_section(args.image, pixel_size_um=args.pixel_size)
         section.require_pixel_size()
         return _predict_one(section, model, args, args.image.name), section, model.bundle
@@ -374,7 +523,27 @@ def _prediction_for_export(args):
     return cached, section, bundle
 
 
-COMMANDS = {"predict": cmd_predict, "train": cmd_train, "evaluate": cmd_evaluate, "export-pairs": cmd_export}
+def cmd_import_model(args) -> int:
+    from napari_cytoclip.models.import_checkpoint import import_checkpoint
+
+    path = import_checkpoint(args.checkpoint, args.out, args.regions, args.tile_um, arch=args.arch,
+                             config=args.config, tile_px=args.tile_px, mode=args.mode, scales_um=args.scales_um,
+                             polarity=args.polarity, stride_um=args.stride_um, name=args.name)
+    print(path, flush=True)
+    return 0
+
+
+def _export_geometry(args, bundle):
+    """The tiles export-pairs cuts: ``--tile-px/--tile-um/--mode/--scales-um`` over the model's input."""
+    from napari_cytoclip.teach.pairs import export_geometry
+
+    if all(getattr(args, k, None) is None for k in ("tile_px", "tile_um", "mode", "scales_um")):
+        return None
+    return export_geometry(bundle.input, args.tile_px, args.tile_um, args.mode, args.scales_um)
+
+
+COMMANDS = {"predict": cmd_predict, "train": cmd_train, "evaluate": cmd_evaluate, "export-pairs": cmd_export,
+            "teach": cmd_teach, "import-model": cmd_import_model}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -391,8 +560,6 @@ def _error_text(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     old_showwarning = warnings.showwarning

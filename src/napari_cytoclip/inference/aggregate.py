@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from napari_cytoclip.inference.cputhreads import cpu_threads
+from napari_cytoclip.inference.cputhreads import run_small
 
 MAX_VOTE_SHIFTS = 81  # footprints wider than 9 x 9 cells vote by box sums (cost independent of their size)
 
@@ -15,7 +15,7 @@ def float32_blocks(embeddings, rows: int = 4096, read_rows: int = 16384):
     """``(start, block)`` pairs covering ``embeddings`` (float16/float32, numpy or zarr) as float32 torch blocks.
 
     torch converts float16 in one reused buffer (numpy's cast costs ~2.5 ns a value, and no full float32
-    copy is made); zarr is read one 16k-row chunk at a time. Callers run it on one thread (``cpu_threads``).
+    copy is made); zarr is read one 16k-row chunk at a time. Callers run it in the one-thread worker (``run_small``).
     """
     import torch
 
@@ -37,11 +37,15 @@ def float32_blocks(embeddings, rows: int = 4096, read_rows: int = 16384):
 
 def region_probabilities(embeddings: np.ndarray, region_embeddings: np.ndarray, logit_scale: float) -> np.ndarray:
     """Softmax over regions of the scaled cosine similarity, ``(n, K)`` float32."""
+    return run_small(_region_probabilities, embeddings, region_embeddings, logit_scale)
+
+
+def _region_probabilities(embeddings, region_embeddings, logit_scale: float) -> np.ndarray:
     import torch
 
     regions = torch.from_numpy(np.asarray(region_embeddings, np.float32)).T.contiguous()
     out = np.empty((embeddings.shape[0], regions.shape[1]), np.float32)
-    with torch.inference_mode(), cpu_threads(1):
+    with torch.inference_mode():
         for i, block in float32_blocks(embeddings):
             out[i:i + len(block)] = torch.softmax(float(logit_scale) * (block @ regions), dim=1).numpy()
     return out
@@ -140,11 +144,15 @@ def similarity_grid(cells: np.ndarray, embeddings: np.ndarray, text_embedding: n
 
 def dot_with(embeddings: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """``embeddings @ vector`` as float32 (embeddings numpy or zarr, float16 or float32), block by block."""
+    return run_small(_dot_with, embeddings, vector)
+
+
+def _dot_with(embeddings, vector: np.ndarray) -> np.ndarray:
     import torch
 
     v = torch.from_numpy(np.asarray(vector, np.float32))
     out = np.empty(embeddings.shape[0], np.float32)
-    with torch.inference_mode(), cpu_threads(1):
+    with torch.inference_mode():
         for i, block in float32_blocks(embeddings):
             out[i:i + len(block)] = (block @ v).numpy()
     return out

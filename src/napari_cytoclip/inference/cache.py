@@ -4,18 +4,20 @@ A cache folder holds ``prediction.json`` (grid, regions, signature, model name, 
 ``embeddings.npz`` (cells, label grid, confidence grid and, for up to ``LARGE_CELLS`` cells, the
 float16 embeddings). Larger predictions keep their embeddings in ``embeddings.zarr`` (zarr v3,
 ``ZARR_CHUNK_ROWS`` rows per chunk), written chunk by chunk and opened lazily, so they stream
-from disk instead of filling memory.
+from disk instead of filling memory. The pooled image-tower features of the same forward pass (what
+the teaching learner reads; ``Prediction.features``) go to ``features.npy`` (memory-mapped when read)
+or, for large predictions, ``features.zarr``; they are never loaded whole.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from napari_cytoclip.models.bundle import ModelBundle, read_json, region_from_dict
+from napari_cytoclip.models.model import NO_FEATURES, ModelIdentity
 from napari_cytoclip.errors import CacheMismatch, CytoclipError, OutputError
 from napari_cytoclip.inference.grid import TileGrid
 from napari_cytoclip.io.safe_files import atomic_write_text, new_output_folder
@@ -27,6 +29,8 @@ CACHE_VERSION = 1
 CACHE_JSON = "prediction.json"
 ARRAYS_NPZ = "embeddings.npz"
 EMBEDDINGS_ZARR = "embeddings.zarr"
+FEATURES_NPY = "features.npy"
+FEATURES_ZARR = "features.zarr"
 LARGE_CELLS = 200_000
 ZARR_CHUNK_ROWS = 16384
 
@@ -50,10 +54,14 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def expected_signature(section: Section, bundle: ModelBundle, grid: TileGrid) -> dict:
-    """The signature a prediction of ``section`` by ``bundle`` on ``grid`` carries (no model load)."""
-    shim = SimpleNamespace(model_hash=bundle.weights_hash(), bundle=bundle)
-    return signature(section, shim, grid)  # type: ignore[arg-type]
+def expected_signature(section: Section, model: ModelIdentity | ModelBundle, grid: TileGrid) -> dict:
+    """The signature a prediction of ``section`` on ``grid`` carries (no model load).
+
+    With a :class:`ModelIdentity` (``CytoClip.identity``) the precision and feature kind must match too;
+    with a bare bundle they are left open (``None``: a cache at any precision is accepted).
+    """
+    identity = model if isinstance(model, ModelIdentity) else ModelIdentity.of_bundle(model)
+    return signature(section, identity, grid)
 
 
 def is_cache(folder: Path) -> bool:
@@ -78,6 +86,11 @@ def save_prediction(prediction: Prediction, folder: str | Path, *, large_cells: 
         _write_arrays(prediction, tmp, include_embeddings=not large)
         if large:
             _write_zarr(prediction.embeddings, tmp / EMBEDDINGS_ZARR)
+        if prediction.features is not None:
+            if large:
+                _write_zarr(prediction.features, tmp / FEATURES_ZARR)
+            else:
+                _write_npy(prediction.features, tmp / FEATURES_NPY)
         atomic_write_text(tmp / CACHE_JSON, json.dumps(_metadata(prediction, large), indent=1, default=_default))
     return folder
 
@@ -91,6 +104,8 @@ def _metadata(p: Prediction, large: bool) -> dict:
         "signature": p.signature, "label_um": float(p.label_um), "logit_scale": float(p.logit_scale),
         "polarity": p.polarity, "source": p.source, "model_name": p.model_name,
         "timings": p.timings, "complete": bool(p.complete),
+        "features": None if p.features is None else {"kind": p.feature_kind, "dim": int(p.features.shape[1]),
+                                                     "storage": FEATURES_ZARR if large else FEATURES_NPY},
     }
 
 
@@ -114,6 +129,16 @@ def _write_zarr(embeddings: Any, path: Path) -> None:
         arr[i:i + ZARR_CHUNK_ROWS] = np.asarray(embeddings[i:i + ZARR_CHUNK_ROWS], np.float16)
 
 
+def _write_npy(rows: Any, path: Path) -> None:
+    """``rows`` (numpy or zarr) as a float16 .npy file, written block by block."""
+    n, dim = (int(v) for v in rows.shape)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
+    for i in range(0, n, ZARR_CHUNK_ROWS):
+        out[i:i + ZARR_CHUNK_ROWS] = np.asarray(rows[i:i + ZARR_CHUNK_ROWS], np.float16)
+    out.flush()
+    del out
+
+
 def load_prediction(folder: str | Path, expected_signature: dict | None = None, *, lazy: bool = True) -> Prediction:
     """Read a cache folder; with ``expected_signature`` refuse one made for another section, model or grid.
 
@@ -131,7 +156,9 @@ def load_prediction(folder: str | Path, expected_signature: dict | None = None, 
             labels=arrays["labels"], confidence=arrays["confidence"], signature=meta["signature"],
             label_um=float(meta["label_um"]), logit_scale=float(meta["logit_scale"]), polarity=str(meta["polarity"]),
             source=str(meta.get("source", "")), model_name=str(meta.get("model_name", "")),
-            timings=dict(meta.get("timings", {})), complete=bool(meta.get("complete", True)))
+            timings=dict(meta.get("timings", {})), complete=bool(meta.get("complete", True)),
+            features=_open_features(folder, meta.get("features")),
+            feature_kind=str((meta.get("features") or {}).get("kind", NO_FEATURES)))
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheError(folder / CACHE_JSON, f"incomplete cache description ({exc!r})") from None
     _check_numbers(prediction, folder / CACHE_JSON)
@@ -179,6 +206,21 @@ def _read_arrays(folder: Path, meta: dict) -> dict:
     return arrays
 
 
+def _open_features(folder: Path, info: Any) -> Any:
+    """The cached pooled features, opened lazily (memory map or zarr), or None when the cache has none."""
+    if not info:
+        return None
+    if not isinstance(info, dict) or info.get("storage") not in (FEATURES_NPY, FEATURES_ZARR):
+        raise CacheError(folder / CACHE_JSON, f"unknown feature storage {info!r}")
+    path = folder / info["storage"]
+    if info["storage"] == FEATURES_ZARR:
+        return _open_zarr(path)
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CacheError(path, f"unreadable features ({exc})") from None
+
+
 def _open_zarr(path: Path) -> Any:
     import zarr
 
@@ -205,5 +247,7 @@ def _check_shapes(p: Prediction, folder: Path) -> None:
     n = len(p.cells)
     if p.embeddings.shape[0] != n:
         raise CacheError(folder, f"{p.embeddings.shape[0]} embeddings for {n} cells: the cache is damaged")
+    if p.features is not None and (len(p.features.shape) != 2 or p.features.shape[0] != n):
+        raise CacheError(folder, f"features of shape {tuple(p.features.shape)} for {n} cells: the cache is damaged")
     if tuple(p.labels.shape) != tuple(p.grid.shape) or tuple(p.confidence.shape) != tuple(p.grid.shape):
         raise CacheError(folder, f"label grid {tuple(p.labels.shape)} does not match the grid {tuple(p.grid.shape)}")

@@ -32,12 +32,12 @@ import contextlib
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from napari_cytoclip.errors import CytoclipError, OutputError, SectionError
+from napari_cytoclip.errors import CytoclipError, SectionError
+from napari_cytoclip.outputs.naming import results_targets
 
 DEFAULT_CHUNK_CELLS = 4096
 DEFAULT_SPLIT_CELLS = 2 * DEFAULT_CHUNK_CELLS  # grid cells above which a TIFF section is split
@@ -194,37 +194,38 @@ def _model_info_task(model_path: str | None, device: str, precision: str) -> dic
     with _portable_errors():
         model = worker_model(model_path, device, precision)
     return {"region_embeddings": model.region_embeddings(), "logit_scale": float(model.logit_scale),
-            "embed_dim": int(model.embed_dim), "region_ids": [r.id for r in model.regions]}
+            "embed_dim": int(model.embed_dim), "region_ids": [r.id for r in model.regions],
+            "identity": model.identity}
 
 
 def _encode_chunk_task(image: str, pixel_size_um: float | None, model_path: str | None, device: str,
                        precision: str, polarity: str, grid: dict, cells: np.ndarray, batch_size: int) -> dict:
-    """Float16 embeddings of ``cells``: the section is opened here, lazily, and only these windows read."""
+    """Float16 embeddings (and pooled features) of ``cells``, by the same loop as one process
+    (:func:`encode.encode_cells`): the section is opened here, lazily, and only these windows read."""
+    from napari_cytoclip.inference.encode import encode_cells
     from napari_cytoclip.inference.grid import TileGrid
-    from napari_cytoclip.inference.predict import _prefetch
     from napari_cytoclip.io.sections import open_section
-    from napari_cytoclip.inference.windows import WindowReader
 
     with _portable_errors():
         model = worker_model(model_path, device, precision)
         t0 = time.perf_counter()
         section = open_section(image, pixel_size_um=pixel_size_um)
         try:
-            tile_grid = TileGrid.from_dict(grid)
-            reader = WindowReader(section, model.input, polarity)
             cells = np.asarray(cells, np.int32).reshape(-1, 2)
             out = np.zeros((len(cells), model.embed_dim), np.float16)
-            batches = [cells[i:i + batch_size] for i in range(0, len(cells), batch_size)]
-            done, t_encode = 0, 0.0
-            for _batch, windows in _prefetch(reader, tile_grid, batches):
-                t1 = time.perf_counter()
-                e = model.encode_windows(windows)
-                t_encode += time.perf_counter() - t1
-                out[done:done + len(e)] = e
-                done += len(e)
+            features: np.ndarray | None = None
+            t_encode = 0.0
+            for batch in encode_cells(section, model, TileGrid.from_dict(grid), cells, polarity=polarity,
+                                      batch_size=batch_size):
+                t_encode += batch.encode_s
+                out[batch.start:batch.start + len(batch.embeddings)] = batch.embeddings
+                if batch.features is not None:
+                    if features is None:
+                        features = np.zeros((len(cells), batch.features.shape[1]), np.float16)
+                    features[batch.start:batch.start + len(batch.features)] = batch.features
         finally:
             section.close()
-    return {"embeddings": out, "encode_s": t_encode, "total_s": time.perf_counter() - t0}
+    return {"embeddings": out, "features": features, "encode_s": t_encode, "total_s": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------------- one huge section
@@ -243,14 +244,15 @@ class _SplitJob:
         self.section.require_pixel_size()
         self.bundle = bundle
         self.info_future = info_future
-        shim = SimpleNamespace(bundle=bundle, model_hash=bundle.weights_hash())
         with _local_dask():
-            self.grid, self.cells, self.mask = plan_grid(self.section, shim, stride_um)  # type: ignore[arg-type]
+            self.grid, self.cells, self.mask = plan_grid(self.section, bundle, stride_um)
         self.t_plan = time.perf_counter() - self.t0
         chunk = max(batch_size, (int(chunk_cells) // batch_size) * batch_size)  # whole batches only
         self.starts = list(range(0, len(self.cells), chunk))
         self.chunk = chunk
         self.embeddings: np.ndarray | None = None
+        self.features: Any = None  # a row_store (numpy, or a temporary zarr array for large sections)
+        self.has_features = True
         self.remaining = len(self.starts)
         self.encode_s = 0.0
         px = self.section.pixel_size_um
@@ -270,6 +272,15 @@ class _SplitJob:
         if self.embeddings is None:
             self.embeddings = np.zeros((len(self.cells), emb.shape[1]), np.float16)
         self.embeddings[start:start + len(emb)] = emb
+        feats = result.get("features")
+        if feats is None:
+            self.has_features = False
+        elif self.has_features:
+            if self.features is None:
+                from napari_cytoclip.inference.encode import row_store
+
+                self.features = row_store(len(self.cells), feats.shape[1])
+            self.features[start:start + len(feats)] = feats
         self.encode_s += float(result["encode_s"])
         self.remaining -= 1
 
@@ -279,8 +290,10 @@ class _SplitJob:
 
     def finish(self):
         """The :class:`predict.Prediction`, decoded on the client from the gathered embeddings."""
-        from napari_cytoclip.inference.cache import expected_signature
-        from napari_cytoclip.inference.predict import Prediction, decode_labels
+        from dataclasses import replace
+
+        from napari_cytoclip.inference.predict import Prediction, decode_labels, signature
+        from napari_cytoclip.models.model import NO_FEATURES
 
         try:
             info = self.info_future.result()
@@ -290,11 +303,12 @@ class _SplitJob:
         labels, conf = decode_labels(self.cells, emb, info["region_embeddings"], info["region_ids"], self.grid,
                                      self.bundle.label_um, info["logit_scale"])
         total = time.perf_counter() - self.t0
-        with _local_dask():
-            sig = expected_signature(self.section, self.bundle, self.grid)
+        features = self.features if self.has_features and len(self.cells) else None
+        kind = info["identity"].features if features is not None else NO_FEATURES
+        with _local_dask():  # the workers' identity: the precision they ran at
+            sig = signature(self.section, replace(info["identity"], features=kind), self.grid)
         return Prediction(grid=self.grid, cells=self.cells, embeddings=emb, regions=list(self.bundle.regions),
-                          labels=labels, confidence=conf,
-                          signature=sig,
+                          labels=labels, confidence=conf, signature=sig, features=features, feature_kind=kind,
                           label_um=self.bundle.label_um, logit_scale=info["logit_scale"],
                           polarity=self.mask.polarity, source=self.section.source or self.section.name,
                           model_name=self.bundle.name, model_path=str(self.bundle.path or ""),
@@ -359,23 +373,6 @@ def predict_section_distributed(section_path: str | Path, client: Any, model_pat
 
 
 # --------------------------------------------------------------------------------- many sections
-def _targets(images: Sequence[Path], out: Path, overwrite: bool) -> list[Path]:
-    from napari_cytoclip.cli import image_stem  # the same results-folder names as the single-process CLI
-    from napari_cytoclip.io.safe_files import check_output_folder
-
-    targets, seen = [], {}
-    for image in images:
-        if not image.is_file():
-            raise SectionError(image, "no such file" if not image.exists() else "is not a file")
-        target = Path(out) / image_stem(image)
-        if target in seen:
-            raise OutputError(target, f"{seen[target]} and {image} would share this results folder; rename one")
-        check_output_folder(target, overwrite, inputs=images)
-        seen[target] = image
-        targets.append(target)
-    return targets
-
-
 def _grid_cells(section: Any, bundle: Any, stride_um: float | None) -> int:
     from napari_cytoclip.inference.grid import TileGrid
 
@@ -408,7 +405,7 @@ def predict_many(images: Sequence[str | Path], out: str | Path, *, model: str | 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     images = [Path(p) for p in images]
-    targets = _targets(images, Path(out), overwrite)
+    targets = results_targets(images, Path(out), overwrite)  # the same names as the single-process CLI
     bundle = _bundle_for(model_path)
     split_cells = DEFAULT_SPLIT_CELLS if split_cells is None else int(split_cells)
     chunk_cells = DEFAULT_CHUNK_CELLS if chunk_cells is None else int(chunk_cells)

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import math
-import queue
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Generator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Generator
 
 import numpy as np
 
@@ -15,7 +13,9 @@ from napari_cytoclip.inference.aggregate import footprint_radius, labels_from_in
 from napari_cytoclip.models.bundle import Region
 from napari_cytoclip.errors import Cancelled, CacheMismatch, SectionError
 from napari_cytoclip.inference.grid import TileGrid
-from napari_cytoclip.models.model import CytoClip
+from napari_cytoclip.inference.encode import RowWriter, encode_cells
+from napari_cytoclip.models.bundle import ModelBundle
+from napari_cytoclip.models.model import NO_FEATURES, CytoClip, ModelIdentity
 from napari_cytoclip.io.sections import Section
 from napari_cytoclip.io.tissue import TissueMask, tissue_mask
 from napari_cytoclip.inference.windows import WindowReader
@@ -44,6 +44,8 @@ class Prediction:
     timings: dict = field(default_factory=dict)
     complete: bool = True
     model_path: str = ""              # the bundle folder that made it (recorded in prediction.json)
+    features: Any = None              # (n, F) float16 pooled image-tower features (numpy or zarr), or None
+    feature_kind: str = NO_FEATURES   # what ``features`` holds (models.model.POOLED) or NO_FEATURES
 
     def decode(self, region_embeddings: np.ndarray, regions: list[Region] | None = None) -> "Prediction":
         """Labels and confidence for a (new) vocabulary, from the cached embeddings alone."""
@@ -88,7 +90,11 @@ class NoTissueWarning(UserWarning):
     """A section has no tissue on its grid: the result is empty."""
 
 
-def plan_grid(section: Section, model: CytoClip, stride_um: float | None = None,
+def _bundle(model: CytoClip | ModelBundle) -> ModelBundle:
+    return model if isinstance(model, ModelBundle) else model.bundle
+
+
+def plan_grid(section: Section, model: CytoClip | ModelBundle, stride_um: float | None = None,
               mask: TissueMask | None = None, batch_size: int = 64,
               polarity: str | None = None) -> tuple[TileGrid, np.ndarray, TissueMask]:
     """The grid for a section and the tissue cells on it (row-major order).
@@ -99,7 +105,7 @@ def plan_grid(section: Section, model: CytoClip, stride_um: float | None = None,
     (see :func:`check_plan`); warns (:class:`NoTissueWarning`) when no cell holds tissue.
     """
     source = section.source or section.name
-    stride = float(model.bundle.stride_um if stride_um is None else stride_um)
+    stride = float(_bundle(model).stride_um if stride_um is None else stride_um)
     if not (math.isfinite(stride) and stride > 0):
         raise ValueError(f"the stride must be a positive number of micrometres, got {stride_um!r}")
     grid = TileGrid.covering(section.shape, section.require_pixel_size(), stride, source=source)
@@ -121,7 +127,7 @@ def plan_grid(section: Section, model: CytoClip, stride_um: float | None = None,
     return grid, cells, mask
 
 
-def estimate_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size: int = 64,
+def estimate_plan(section: Section, model: CytoClip | ModelBundle, grid: TileGrid, batch_size: int = 64,
                   cells: int | None = None) -> dict:
     """Cells, peak memory (bytes) and CPU time (s, at a nominal rate) of a run, before any work.
 
@@ -131,7 +137,7 @@ def estimate_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size:
     """
     from napari_cytoclip.inference.grid import NOMINAL_TILES_PER_S
 
-    bundle = model.bundle
+    bundle = _bundle(model)
     n_grid = int(np.prod(grid.shape))
     n = n_grid if cells is None else int(cells)
     k = len(bundle.regions)
@@ -147,7 +153,7 @@ def estimate_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size:
             "seconds": n / NOMINAL_TILES_PER_S}
 
 
-def check_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size: int = 64,
+def check_plan(section: Section, model: CytoClip | ModelBundle, grid: TileGrid, batch_size: int = 64,
                max_bytes: int | None = None) -> dict:
     """Refuse (:class:`~napari_cytoclip.inference.grid.PlanTooLarge`, one line naming the section) a run whose
     estimated memory is over :data:`MAX_PLAN_BYTES`; returns the estimate."""
@@ -167,43 +173,14 @@ def check_plan(section: Section, model: CytoClip, grid: TileGrid, batch_size: in
     return est
 
 
-def signature(section: Section, model: CytoClip, grid: TileGrid) -> dict:
-    """What cached embeddings depend on, in JSON form (so saved and fresh signatures compare equal)."""
+def signature(section: Section, model: ModelIdentity, grid: TileGrid) -> dict:
+    """What cached embeddings and features depend on, in JSON form (so saved and fresh signatures compare
+    equal): the section's content, the model's weights, input, precision and feature kind, and the grid."""
     import json
 
-    return json.loads(json.dumps({"section": section.content_hash(), "model": model.model_hash,
-                                  "grid": grid.to_dict(), "input": model.bundle.to_json()["input"]}))
-
-
-def _prefetch(reader: WindowReader, grid: TileGrid, batches: list[np.ndarray], depth: int = 2) -> Iterator:
-    """Read batches in a background thread so reading overlaps with encoding."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work():
-        try:
-            for b in batches:
-                if stop.is_set():
-                    return
-                q.put((b, reader.read(grid.centers(b))))
-        except BaseException as exc:  # handed to the consumer
-            q.put(exc)
-        q.put(None)
-
-    thread = threading.Thread(target=work, daemon=True, name="cytoclip-reader")
-    thread.start()
-    try:
-        while (item := q.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
+    return json.loads(json.dumps({"section": section.content_hash(), "model": model.weights_hash,
+                                  "grid": grid.to_dict(), "input": model.input, "precision": model.precision,
+                                  "features": model.features}))
 
 
 def predict_iter(section: Section, model: CytoClip, *, stride_um: float | None = None, batch_size: int = 64,
@@ -217,28 +194,40 @@ def predict_iter(section: Section, model: CytoClip, *, stride_um: float | None =
     grid, tissue_cells, mask = plan_grid(section, model, stride_um, batch_size=batch_size, polarity=polarity)
     cells = tissue_cells if cells is None else np.asarray(cells, np.int32).reshape(-1, 2)
     t_plan = time.perf_counter() - t0
-    reader = WindowReader(section, model.input, mask.polarity)
     region_emb = model.region_embeddings()
-    region_ids = [r.id for r in model.regions]
-    batches = [cells[i:i + batch_size] for i in range(0, len(cells), batch_size)]
+    region_ids = np.asarray([r.id for r in model.regions], np.uint16)
     emb = np.zeros((len(cells), model.embed_dim), np.float16)
-    done, t_encode = 0, 0.0
-    for batch_cells, windows in _prefetch(reader, grid, batches):
-        t1 = time.perf_counter()
-        e = model.encode_windows(windows)
-        t_encode += time.perf_counter() - t1
-        emb[done:done + len(e)] = e
+    features: RowWriter | None = None
+    t_encode = 0.0
+    for batch in encode_cells(section, model, grid, cells, polarity=mask.polarity, batch_size=batch_size):
+        t_encode += batch.encode_s
+        e, done = batch.embeddings, batch.start + len(batch.embeddings)
+        emb[batch.start:done] = e
+        if batch.features is not None:
+            if features is None and batch.start == 0:
+                features = RowWriter(len(cells), batch.features.shape[1])
+            if features is not None:
+                features.write(batch.start, batch.features)
         probs = region_probabilities(e, region_emb, model.logit_scale)
-        done += len(e)
-        yield BatchResult(batch_cells, np.asarray(region_ids, np.uint16)[probs.argmax(1)], probs.max(1), done, len(cells))
+        yield BatchResult(batch.cells, region_ids[probs.argmax(1)], probs.max(1), done, len(cells))
+    region_ids = list(region_ids.tolist())
     labels, conf = decode_labels(cells, emb, region_emb, region_ids, grid, model.bundle.label_um, model.logit_scale)
     total = time.perf_counter() - t0
-    return Prediction(grid=grid, cells=cells, embeddings=emb, regions=list(model.regions), labels=labels,
-                      confidence=conf, signature=signature(section, model, grid), label_um=model.bundle.label_um,
-                      logit_scale=model.logit_scale, polarity=mask.polarity, source=section.source or section.name,
-                      model_name=model.bundle.name, model_path=str(model.bundle.path or ""),
-                      timings={"plan_s": t_plan, "encode_s": t_encode, "total_s": total,
-                               "tiles_per_s": len(cells) / total if total else 0.0})
+    identity = model.identity
+    kind = identity.features if features is not None else NO_FEATURES  # what is stored, not what could be
+    prediction = Prediction(grid=grid, cells=cells, embeddings=emb, regions=list(model.regions), labels=labels,
+                            confidence=conf, signature=signature(section, replace(identity, features=kind), grid),
+                            label_um=model.bundle.label_um, logit_scale=model.logit_scale, polarity=mask.polarity,
+                            source=section.source or section.name, model_name=model.bundle.name,
+                            model_path=str(model.bundle.path or ""), feature_kind=kind,
+                            features=None if features is None else features.finish(),
+                            timings={"plan_s": t_plan, "encode_s": t_encode, "total_s": total,
+                                     "tiles_per_s": len(cells) / total if total else 0.0})
+    if getattr(model, "learner", None) is not None:  # a taught bundle: its learner decodes the labels
+        from napari_cytoclip.teach.teaching import apply_learner
+
+        apply_learner(prediction, model, section)
+    return prediction
 
 
 def predict_section(section: Section, model: CytoClip, *, stride_um: float | None = None, batch_size: int = 64,
@@ -259,9 +248,12 @@ def predict_section(section: Section, model: CytoClip, *, stride_um: float | Non
 
 
 def check_signature(prediction: Prediction, expected: dict, source: str = "") -> None:
-    """Refuse cached embeddings made for another section, model or grid: the stored signature and
-    the grid the prediction actually uses must both match ``expected``."""
-    for key in ("section", "model", "grid", "input"):
+    """Refuse cached embeddings made for another section, model, grid, precision or feature kind: the stored
+    signature and the grid the prediction actually uses must both match ``expected``. ``precision`` and
+    ``features`` are compared when ``expected`` names them (not None)."""
+    for key in ("section", "model", "grid", "input", "precision", "features"):
+        if key in ("precision", "features") and expected.get(key) is None:
+            continue
         if prediction.signature.get(key) != expected.get(key):
             raise CacheMismatch(source, f"the cached embeddings belong to another {key}; predict again")
     check_grid(prediction.grid, expected.get("grid"), source)

@@ -1,12 +1,14 @@
 """Reading Nissl sections lazily: TIFF/OME-TIFF/SVS pyramids, PNG/JPEG, in-memory arrays."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -294,13 +296,33 @@ def open_section(path: str | Path, pixel_size_um: float | None = None, plane: in
     return section
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(pixels: int) -> Iterator[None]:
+    """PIL's decompression-bomb limit at ``pixels`` for this block only (our own reads), then as it was.
+
+    PIL has no per-call limit and checks it in many places (open, GIF frames...), so the module value is
+    set for the block, under a lock that keeps our reads from restoring each other's values.
+    """
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None if before is None else max(before, pixels)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
 def _open_pil(path: Path, plane: int | None) -> tuple[Section, float | None]:
     """The section (without pixel size) and the pixel size the file states, if any."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = MAX_PIL_PIXELS
     try:
-        with warnings.catch_warnings():
+        with _pil_pixel_limit(MAX_PIL_PIXELS), warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIL_PIXELS:

@@ -11,7 +11,11 @@
     label_um:     side of the square a window's label describes (default: the smallest scale)
     stride_um:    default grid step
     regions:      [{"id", "name", "acronym", "color", "description", "prompts": [...]}, ...]
-    provenance:   free-form: data, split, commit, metrics
+    provenance:   free-form: data, split, commit, metrics (a taught bundle: "taught" and "parent", written by code)
+
+A taught bundle (``napari-cytoclip teach``) also holds ``learner.safetensors`` (the learner of
+:mod:`napari_cytoclip.teach.teaching`) and its teaching set (``teaching.safetensors`` + ``teaching.json``);
+its regions are the base regions plus the taught new ones.
 """
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ from napari_cytoclip.errors import BundleError, CytoclipError, OutputError
 
 BUNDLE_JSON = "cytoclip.json"
 BUNDLE_WEIGHTS = "weights.safetensors"
+LEARNER_FILE = "learner.safetensors"
+TEACHING_SAFETENSORS = "teaching.safetensors"
+TEACHING_JSON = "teaching.json"
+TAUGHT_FILES = (LEARNER_FILE, TEACHING_SAFETENSORS, TEACHING_JSON)
 MODES = ("gray_scales", "rgb")
 POLARITIES = ("brightfield", "darkfield")
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -130,6 +138,20 @@ class ModelBundle:
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
     weights_path: Path | None = None
+    learner_path: Path | None = None   # a taught bundle's learner.safetensors (validated on load)
+
+    @property
+    def taught(self) -> bool:
+        return self.learner_path is not None
+
+    def load_learner(self):
+        """The taught bundle's learner (:class:`~napari_cytoclip.teach.teaching.TaughtLearner`), validated
+        against the regions; None for a plain bundle."""
+        if self.learner_path is None:
+            return None
+        from napari_cytoclip.teach.teaching import read_learner
+
+        return read_learner(self.learner_path, self.regions)
 
     def region(self, region_id: int) -> Region | None:
         return next((r for r in self.regions if r.id == region_id), None)
@@ -237,7 +259,7 @@ def load_regions_csv(path: str | Path) -> list[Region]:
     for row in rows:
         prompts = [p.strip() for p in (row.get("prompts") or "").split("|") if p.strip()]
         regions.append(region_from_dict({**row, "prompts": prompts,
-                                         "color": row.get("color") or "#808080"}, path))
+                                         "color": row.get("color") or row.get("colour") or "#808080"}, path))
     validate_regions(regions, path)
     return regions
 
@@ -271,7 +293,68 @@ def load_bundle(path: str | Path) -> ModelBundle:
     bundle.weights_path = weights if weights.is_file() else None
     if bundle.weights_path is None:
         raise BundleError(path, f"missing {BUNDLE_WEIGHTS}")
+    present = [n for n in TAUGHT_FILES if (path / n).is_file()]
+    if present:
+        missing = [n for n in TAUGHT_FILES if n not in present]
+        if missing:
+            raise BundleError(path, f"a taught bundle needs {', '.join(TAUGHT_FILES)}; {', '.join(missing)} missing")
+        bundle.learner_path = path / LEARNER_FILE
+        bundle.load_learner()  # shapes, class ids among the regions, finite numbers
+        _check_teaching_json(path / TEACHING_JSON, bundle)
     return bundle
+
+
+def _check_teaching_json(path: Path, bundle: ModelBundle) -> None:
+    """The teaching description of a taught bundle: ours, and its taught ids among the regions."""
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != "napari-cytoclip-teaching":
+        raise BundleError(path, "not a teaching set written by napari-cytoclip")
+    counts = meta.get("counts", {})
+    try:
+        taught = {int(k) for k in counts} if isinstance(counts, dict) else None
+    except ValueError:
+        taught = None
+    if taught is None:
+        raise BundleError(path, "'counts' must map region ids to cell counts")
+    unknown = sorted(taught - {r.id for r in bundle.regions})
+    if unknown:
+        raise BundleError(path, f"taught region ids {unknown} are not among the bundle's regions")
+
+
+def save_taught_bundle(base: ModelBundle, regions: list[Region], learner: Any, teaching_set: Any,
+                       folder: str | Path, provenance: dict, name: str | None = None) -> ModelBundle:
+    """Write a taught bundle atomically: ``base``'s weights and description with ``regions`` and
+    ``provenance``, plus ``learner.save(path)`` and ``teaching_set.save(folder)``; never overwrites."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    if os.path.lexists(folder):
+        raise BundleError(folder, "already exists; choose a new folder for the taught model")
+    validate_regions(regions, folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:
+        raise OutputError(folder.parent, f"cannot create the model folder here ({exc.strerror or exc})") from None
+    try:
+        shutil.copyfile(base.weights_path, tmp / BUNDLE_WEIGHTS)
+        meta = base.to_json()
+        meta.update(name=name or folder.name, regions=[r.to_dict() for r in regions], provenance=provenance,
+                    description=f"{base.name} taught with napari-cytoclip teach")
+        learner.save(tmp / LEARNER_FILE)
+        teaching_set.save(tmp)
+        (tmp / BUNDLE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        load_bundle(tmp)  # validated before it is moved into place
+        os.replace(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(folder, f"the taught model could not be written ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(folder)
 
 
 def bundle_from_json(meta: Any, source: Any) -> ModelBundle:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,10 +13,55 @@ import numpy as np
 
 from napari_cytoclip.models.bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, check_architecture, default_bundle_path,
                      load_bundle, load_regions_csv, resolve_text_tower)
-from napari_cytoclip.inference.cputhreads import cpu_threads
+from napari_cytoclip.inference.cputhreads import run_small
 from napari_cytoclip.errors import BundleError
 
 TEXT_TRUNK_PREFIX = "text.transformer."
+POOLED = "pooled"  # feature kind: the image tower's trunk output (global average pool), before the projection
+NO_FEATURES = "none"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What cached embeddings and features depend on besides the section and the grid.
+
+    ``precision``: how the image tower ran (``fp32``, ``bf16``, ``cuda-amp``); ``features``: the kind of
+    per-cell features stored beside the embeddings (:data:`POOLED` or :data:`NO_FEATURES`). ``None``
+    for either means "any" (reading a cache whose embeddings are used as they are, e.g. for export).
+    """
+
+    name: str
+    weights_hash: str
+    input: dict
+    precision: str | None = None
+    features: str | None = None
+
+    @classmethod
+    def of_bundle(cls, bundle: ModelBundle, precision: str | None = None,
+                  features: str | None = None) -> "ModelIdentity":
+        return cls(name=bundle.name, weights_hash=bundle.weights_hash(), input=bundle.to_json()["input"],
+                   precision=precision, features=features)
+
+
+def feature_kind(bundle: ModelBundle) -> str:
+    """:data:`POOLED` for a timm image tower (trunk + projection head), else :data:`NO_FEATURES`."""
+    cfg = (bundle.architecture.get("config") or {}).get("vision_cfg") or {}
+    return POOLED if cfg.get("timm_model_name") else NO_FEATURES
+
+
+def resolve_precision(bundle: ModelBundle, device: Any, precision: str = "auto", warn: bool = False) -> str:
+    """The precision a model of ``bundle`` runs at on ``device`` (a torch device) for a requested ``precision``."""
+    if device.type == "cuda":
+        return "cuda-amp"
+    if device.type != "cpu":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if cpu_supports_bf16() and _is_conv_tower(bundle) else "fp32"
+    if precision == "bf16" and not cpu_supports_bf16():
+        if warn:
+            warnings.warn("this CPU has no native bfloat16; using float32", RuntimeWarning, stacklevel=3)
+        return "fp32"
+    return precision
 
 
 def pick_device(preference: str = "auto"):
@@ -176,6 +223,8 @@ class CytoClip:
         self.precision = precision
         self._tokenizer = tokenizer
         self._text_cache: dict[str, np.ndarray] = {}
+        self._capture = threading.local()  # per-thread feature capture (see capturing_features)
+        self.learner = None  # a taught bundle's TaughtLearner (set by load_model); used when labels are decoded
         model.eval()
         self.model = model.to(device)
         self.image_dtype = torch.float32
@@ -216,21 +265,52 @@ class CytoClip:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.image_dtype)
 
+    @property
+    def feature_kind(self) -> str:
+        """:data:`POOLED` when the image tower splits into a trunk and a projection head, else :data:`NO_FEATURES`."""
+        visual = self.model.visual
+        return POOLED if hasattr(visual, "trunk") and hasattr(visual, "head") else NO_FEATURES
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """This model's :class:`ModelIdentity`, with the precision it runs at and its feature kind."""
+        precision = "cuda-amp" if self.device.type == "cuda" else self.precision
+        return ModelIdentity.of_bundle(self.bundle, precision, self.feature_kind)
+
     def encode_windows(self, windows: np.ndarray) -> np.ndarray:
-        """L2-normalised float32 embeddings ``(B, D)`` of uint8 windows."""
+        """L2-normalised float32 embeddings ``(B, D)`` of uint8 windows.
+
+        Inside :meth:`capturing_features` (this thread only), the pooled features of the same forward
+        pass are kept too.
+        """
         import torch
 
         if len(windows) == 0:
             return np.zeros((0, self.embed_dim), np.float32)
+        capture = getattr(self._capture, "rows", None)
         x = self.preprocess(windows)
         with torch.inference_mode():
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
-                    emb = self.model.encode_image(x)
+                    emb, pooled = self._forward(x, capture is not None)
             else:
-                emb = self.model.encode_image(x)
+                emb, pooled = self._forward(x, capture is not None)
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        if capture is not None and pooled is not None:
+            capture.append(pooled.float().cpu().numpy())
         return emb.cpu().numpy()
+
+    def _forward(self, x: Any, pooled: bool) -> tuple[Any, Any]:
+        visual = self.model.visual
+        if pooled and self.feature_kind == POOLED:
+            features = visual.trunk(x)
+            return visual.head(features), features
+        return self.model.encode_image(x), None
+
+    def capturing_features(self) -> "_FeatureCapture":
+        """Context (this thread only): :meth:`encode_windows` also keeps the pooled features of its forward
+        pass; ``take(n)`` returns those of the last ``n`` windows as float32 ``(n, F)``, or None."""
+        return _FeatureCapture(self._capture)
 
     @property
     def embed_dim(self) -> int:
@@ -245,11 +325,16 @@ class CytoClip:
         todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if todo:
             tokens = self._tokenizer(todo).to(self.device)
-            with torch.inference_mode(), cpu_threads(1 if self.device.type == "cpu" else None):
-                emb = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            for t, e in zip(todo, emb.cpu().numpy()):
+            emb = run_small(self._encode_tokens, tokens)  # small work: the package's one-thread worker
+            for t, e in zip(todo, emb):
                 self._text_cache[t] = e
         return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+
+    def _encode_tokens(self, tokens: Any) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
 
     def region_embeddings(self, regions: Sequence[Region] | None = None) -> np.ndarray:
         """One embedding per region: its prompt ensemble averaged, then renormalised."""
@@ -281,12 +366,10 @@ def load_model(bundle: ModelBundle | str | Path | None = None, device: str = "au
     if bundle.weights_path is not None:
         state = read_state_dict(bundle.weights_path)
         load_weights_into(model, state, bundle.weights_path, text_from_package=bundle.text_tower is not None)
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cpu" and cpu_supports_bf16() and _is_conv_tower(bundle) else "fp32"
-    if precision == "bf16" and dev.type == "cpu" and not cpu_supports_bf16():
-        warnings.warn("this CPU has no native bfloat16; using float32", RuntimeWarning, stacklevel=2)
-        precision = "fp32"
-    return CytoClip(bundle, model, tokenizer, dev, precision)
+    precision = resolve_precision(bundle, dev, precision, warn=True)
+    loaded = CytoClip(bundle, model, tokenizer, dev, "fp32" if precision == "cuda-amp" else precision)
+    loaded.learner = bundle.load_learner()  # a taught bundle decodes labels with its learner
+    return loaded
 
 
 def _is_conv_tower(bundle: ModelBundle) -> bool:
@@ -297,21 +380,48 @@ def _is_conv_tower(bundle: ModelBundle) -> bool:
 
 def load_checkpoint_model(architecture: str, checkpoint: str | Path, regions_csv: str | Path,
                           input_spec: InputSpec | None = None, device: str = "auto") -> CytoClip:
-    """A plain open_clip checkpoint + architecture name + regions CSV, as a model."""
+    """A plain open_clip checkpoint + architecture name + regions CSV, as a model (nothing written).
+
+    Without ``input_spec`` the tile is an RGB window of the architecture's image size in pixels
+    and micrometres (1 um/px). ``import_checkpoint.import_checkpoint`` makes a reusable bundle instead.
+    """
     import open_clip
 
-    if architecture not in open_clip.list_models():
-        raise BundleError(checkpoint, f"unknown open_clip architecture {architecture!r}")
+    from napari_cytoclip.models.import_checkpoint import architecture_for, check_state_dict, read_checkpoint
+
     regions = load_regions_csv(regions_csv)
+    arch, _ = architecture_for(architecture, None, input_spec.size if input_spec else None, source=checkpoint)
     if input_spec is None:
         size = open_clip.get_model_config(architecture)["vision_cfg"].get("image_size", 224)
         size = size[0] if isinstance(size, (list, tuple)) else size
         input_spec = InputSpec(size=int(size), scales_um=(float(size),), mode="rgb",
                                mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
-    bundle = ModelBundle(name=Path(checkpoint).stem, architecture={"name": architecture}, input=input_spec,
+    bundle = ModelBundle(name=Path(checkpoint).stem, architecture=arch, input=input_spec,
                          regions=regions, label_um=min(input_spec.scales_um), stride_um=min(input_spec.scales_um))
     bundle.weights_path = Path(checkpoint)
     dev = pick_device(device)
+    state, _ = read_checkpoint(checkpoint)
     model, tokenizer = build_open_clip(bundle, load_text_weights=False)
-    load_weights_into(model, read_state_dict(checkpoint), checkpoint, text_from_package=False)
+    check_state_dict(model, state, architecture, checkpoint)
+    model.load_state_dict(state, strict=True)
     return CytoClip(bundle, model, tokenizer, dev, "fp32")
+
+
+class _FeatureCapture:
+    """See :meth:`CytoClip.capturing_features`."""
+
+    def __init__(self, local: threading.local):
+        self._local = local
+
+    def __enter__(self) -> "_FeatureCapture":
+        self._local.rows = []
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._local.rows = None
+
+    def take(self, n: int) -> np.ndarray | None:
+        """Features of the last ``n`` windows encoded (None when the model or a wrapper gave none)."""
+        rows, self._local.rows = self._local.rows or [], []
+        got = np.concatenate(rows) if rows else None
+        return got if got is not None and len(got) == n else None

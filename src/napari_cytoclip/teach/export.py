@@ -5,28 +5,34 @@ adds only new pairs), and the latest ``labels.tif``, ``annotations.geojson``, ``
 (and optionally ``labels_fullres.tif``), each rewritten atomically; ``export.json`` logs every
 export. The folder's marker (:data:`io_utils.MARKER`) lists the files exports wrote with their
 digests: a file is replaced only while it is listed and unchanged, so a user's file is never overwritten.
+With the cells' image features (``prediction.features`` or ``features=``) an export also adds the
+section's taught cells to the folder's teaching set (``teaching.safetensors`` + ``teaching.json``,
+:mod:`napari_cytoclip.teach.teaching`), which ``napari-cytoclip teach`` fits a learner on; exporting
+the same section again replaces its examples.
 """
 from __future__ import annotations
 
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from napari_cytoclip.models.bundle import ModelBundle, Region, write_regions_csv
+from napari_cytoclip.models.bundle import TEACHING_JSON, TEACHING_SAFETENSORS, ModelBundle, Region, write_regions_csv
 from napari_cytoclip.inference.cache import jsonable
 from napari_cytoclip.errors import CacheMismatch, Cancelled, CytoclipError, OutputError
 from napari_cytoclip.inference.grid import TileGrid
 from napari_cytoclip.io.safe_files import atomic_write_text, owned, read_marker, read_regular_bytes, recording
 from napari_cytoclip.outputs.prediction_folder import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV, now_iso, write_fullres_labels,
                       write_geojson_labels, write_grid_tiff)
-from napari_cytoclip.teach.pairs import PAIRS_CSV, PAIRS_JSONL, Pair, write_pairs
+from napari_cytoclip.teach.pairs import PAIRS_CSV, PAIRS_JSONL, Pair, check_folder_geometry, geometry_record, write_pairs
+from napari_cytoclip.models.bundle import InputSpec
 from napari_cytoclip.inference.predict import Prediction
 from napari_cytoclip.io.sections import Section
+from napari_cytoclip.models.model import POOLED, feature_kind
 
 PAIRS_DIR = "pairs"
 EXPORT_JSON = "export.json"
@@ -35,7 +41,7 @@ READ_BATCH = 256
 EXPORT_KIND = "export"
 # the files an export replaces: each only while the folder's marker lists it, unchanged
 EXPORT_FILES = (LABELS_TIF, GEOJSON, REGIONS_CSV, LABELS_FULLRES_TIF, EXPORT_JSON,
-                f"{PAIRS_DIR}/{PAIRS_CSV}", f"{PAIRS_DIR}/{PAIRS_JSONL}")
+                f"{PAIRS_DIR}/{PAIRS_CSV}", f"{PAIRS_DIR}/{PAIRS_JSONL}", TEACHING_SAFETENSORS, TEACHING_JSON)
 
 
 @dataclass
@@ -48,18 +54,25 @@ class ExportResult:
     corrected_cells: int
     confirmed_cells: int
     files: dict[str, Path] = field(default_factory=dict)
+    taught_cells: int = 0             # cells added to the folder's teaching set (0: no features given)
 
 
 def export_corrections(section: Section, prediction: Prediction, edited_labels: np.ndarray, out_dir: str | Path,
                        bundle: ModelBundle, *, confirmed: np.ndarray | None = None,
                        regions: list[Region] | None = None, full_resolution: bool = False,
-                       stop: threading.Event | None = None) -> ExportResult:
+                       stop: threading.Event | None = None, features: np.ndarray | None = None,
+                       feature_rows: np.ndarray | None = None, geometry: InputSpec | None = None) -> ExportResult:
     """Turn corrected (and confirmed) grid cells into training pairs and write the edited annotations.
 
     ``edited_labels`` has the grid's shape; corrected cells are those where it differs from the
     prediction and is non-zero; ``confirmed`` optionally marks reviewed cells (kept where labelled).
     Setting ``stop`` while the pairs are written raises ``Cancelled``: the pair list and the
     annotations keep their earlier content (tiles already written stay, unlisted, and are reused).
+    ``features``: pooled image features of ``prediction.cells`` (default ``prediction.features``; or
+    only of the rows ``feature_rows``, which include every corrected and confirmed encoded cell): with
+    them the cells join the folder's teaching set, which must come from the same model.
+    ``geometry``: the tiles to cut (:func:`teach.pairs.export_geometry`, e.g. 224 px RGB for another
+    model) instead of the model's inputs; a pair folder holds one geometry.
     """
     out_dir = Path(out_dir)
     grid = prediction.grid
@@ -74,14 +87,52 @@ def export_corrections(section: Section, prediction: Prediction, edited_labels: 
 
     cells = np.argwhere(corrected | reviewed).astype(np.int64)
     base = _base_record(section, prediction, bundle, source)
+    check_folder_geometry(out_dir / PAIRS_DIR, geometry or bundle.input)
+    if geometry is not None:  # tiles for another model: record what they are
+        base["input"] = geometry_record(geometry)
+    kind = "pooled"
+    if features is None:
+        features = getattr(prediction, "features", None)
+    if features is None and feature_kind(bundle) != POOLED:  # no pooled features: teach on the joint embedding
+        features, feature_rows, kind = prediction.embeddings, None, "joint"
+    taught = None
+    if features is not None:
+        taught = _teaching_examples(out_dir, section, prediction, edited, regions, features, feature_rows,
+                                    reviewed, base, source, kind)
     with recording(out_dir, EXPORT_KIND, EXPORT_FILES):
-        added, existing = write_pairs(out_dir / PAIRS_DIR, _pairs(section, prediction, bundle, edited, cells,
+        tiles_of = bundle if geometry is None else replace(bundle, input=geometry)
+        added, existing = write_pairs(out_dir / PAIRS_DIR, _pairs(section, prediction, tiles_of, edited, cells,
                                                                   corrected, by_id, base, stop), root=out_dir)
         files = _write_annotations(out_dir, section, grid, edited, regions, source, prediction, full_resolution)
         files["pairs"] = out_dir / PAIRS_DIR
         result = ExportResult(out_dir, added, existing, int(corrected.sum()), int(reviewed.sum()), files)
+        if taught is not None:
+            new, merged = taught
+            merged.save(out_dir)
+            files["teaching"] = out_dir / TEACHING_JSON
+            result.taught_cells = len(new)
         _log_export(out_dir, result, source, base["time"])
     return result
+
+
+def _teaching_examples(out_dir: Path, section: Section, prediction: Prediction, edited: np.ndarray,
+                       regions: list[Region], features, feature_rows, confirmed: np.ndarray, base: dict, source: str,
+                       kind: str):
+    """This section's teaching set, and the folder's with it (checked before anything is written)."""
+    from napari_cytoclip.teach.teaching import examples_from_section, has_teaching_set, load_teaching_set
+
+    new = examples_from_section(prediction, edited, regions, features, confirmed=confirmed,
+                                name=Path(source).name, section_hash=section.content_hash(),
+                                model={"name": base["model_name"], "hash": base["model_hash"]}, when=base["time"],
+                                feature_rows=feature_rows, feature_kind=kind)
+    if not has_teaching_set(out_dir):
+        return new, new
+    old = load_teaching_set(out_dir)
+    if old.model.get("hash") != new.model["hash"]:
+        raise CacheMismatch(out_dir, f"holds teaching examples of model {old.model.get('name')} "
+                                     f"({old.model.get('hash')}), this prediction is by {new.model['name']} "
+                                     f"({new.model['hash']}); export into another folder")
+    return new, old.extend(new, out_dir)
 
 
 def _check_edited(edited_labels: np.ndarray, grid: TileGrid, source: str) -> np.ndarray:

@@ -14,12 +14,15 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from napari_cytoclip.errors import CytoclipError, OutputError
 from napari_cytoclip.io.safe_files import atomic_write_bytes, inside, read_regular_bytes
+
+if TYPE_CHECKING:
+    from napari_cytoclip.models.bundle import InputSpec
 
 PAIRS_CSV = "pairs.csv"
 PAIRS_JSONL = "pairs.jsonl"
@@ -229,3 +232,66 @@ def load_pair_images(files: list[Path], size: int) -> np.ndarray:
         for i, arr in enumerate(pool.map(load, files, chunksize=256)):
             out[i] = arr
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tile geometry: pairs for any model, not only the current model's inputs
+
+def export_geometry(base: "InputSpec", tile_px: int | None = None, tile_um: float | None = None,
+                    mode: str | None = None, scales_um: Sequence[float] | None = None) -> "InputSpec":
+    """The windows an export cuts: ``base`` (the current model's input) with the given fields replaced.
+
+    ``tile_um`` sets the one window of an ``rgb`` tile (or, for ``gray_scales`` without ``scales_um``,
+    its single scale); e.g. ``tile_px=224, tile_um=224, mode="rgb"``: native colour tiles at 1 um/px.
+    """
+    from dataclasses import replace
+
+    from napari_cytoclip.errors import BundleError
+    from napari_cytoclip.models.bundle import _check_input
+
+    if tile_px is None and tile_um is None and mode is None and not scales_um:
+        return base
+    mode = mode or base.mode
+    if scales_um:
+        scales = tuple(float(s) for s in scales_um)
+    elif tile_um is not None:
+        scales = (float(tile_um),)
+    elif mode == "rgb" and len(base.scales_um) != 1:
+        raise BundleError(None, f"an 'rgb' tile is one window: give its size with --tile-um "
+                                f"(the model's windows are {list(base.scales_um)} um)")
+    else:
+        scales = base.scales_um
+    spec = replace(base, size=int(tile_px or base.size), scales_um=scales, mode=mode)
+    _check_input(spec, "tile geometry")
+    return spec
+
+
+def geometry_record(spec: "InputSpec") -> dict:
+    """The geometry a pair's provenance records (what the tile is, not how a model normalises it)."""
+    return {"size": int(spec.size), "scales_um": [float(s) for s in spec.scales_um], "mode": spec.mode,
+            "polarity": spec.polarity}
+
+
+def check_folder_geometry(folder: str | Path, spec: "InputSpec") -> None:
+    """Refuse adding tiles of another size or kind to a pair folder (one training CSV, one geometry)."""
+    path = Path(folder) / PAIRS_JSONL
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.readline(1 << 20) or b"{}")
+    except (OSError, ValueError, RecursionError):
+        return
+    old = first.get("input") if isinstance(first, dict) else None
+    if not isinstance(old, dict):
+        return
+    new = geometry_record(spec)
+    try:
+        same = (int(old.get("size", -1)) == new["size"] and old.get("mode") == new["mode"]
+                and [float(s) for s in old.get("scales_um", [])] == new["scales_um"])
+    except (TypeError, ValueError):
+        return
+    if not same:
+        raise OutputError(folder, f"holds {old.get('size')} px {old.get('mode')} tiles of {old.get('scales_um')} um; "
+                                  f"these are {new['size']} px {new['mode']} of {new['scales_um']} um: "
+                                  "export to another folder (one pair folder, one tile geometry)")

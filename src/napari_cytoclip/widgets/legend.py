@@ -33,8 +33,10 @@ class RegionLegend(QWidget):
         self.search.textChanged.connect(self.apply_filter)
         self.list.itemClicked.connect(self._clicked)
 
-    def set_regions(self, regions: Sequence, labels: np.ndarray | None = None) -> None:
-        """List ``regions``; with ``labels``, show each one's share of the labelled tiles."""
+    def set_regions(self, regions: Sequence, labels: np.ndarray | None = None,
+                    taught: dict[int, int] | None = None) -> None:
+        """List ``regions``; with ``labels``, show each one's share of the labelled tiles; with ``taught``
+        (region id -> cells), how many taught cells each has."""
         self.list.clear()
         total = int((labels > 0).sum()) if labels is not None else 0
         for r in regions:
@@ -42,6 +44,8 @@ class RegionLegend(QWidget):
             if total:
                 share = 100.0 * int((labels == r.id).sum()) / total
                 text += f"   {share:.1f}%" if share else "   -"
+            if taught and taught.get(int(r.id)):
+                text += f"   taught {taught[int(r.id)]}"
             item = QListWidgetItem(_swatch(r.color), text)
             item.setData(REGION_ID_ROLE, int(r.id))
             item.setToolTip(f"id {r.id}: {r.description}" if r.description else f"id {r.id}")

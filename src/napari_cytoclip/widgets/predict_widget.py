@@ -1,84 +1,37 @@
-"""The Predict regions widget: run the model over an image, then review, correct and identify."""
+"""The Predict regions widget: choose the inputs, run the model over an image (run, cancel, progress).
+
+The panels below the run controls live in their own modules: the legend and paint mode
+(:mod:`.legend_panel`), the review queue (:mod:`.review_panel`) and the identify box
+(:mod:`.identify_panel`); the run's work itself is :func:`.predict_steps.prediction_steps`.
+"""
 from __future__ import annotations
 
-import os
 import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Generator
 
-import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QHBoxLayout, QPlainTextEdit, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 
-from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, current_plane, drive, group, image_layer_choices, message_of,
+from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, current_plane, drive, image_layer_choices, message_of,
                      pixel_size_of, plane_text, section_for_layer, shipped_bundle_path, stack_shape, status_label,
                      widget_alive)
-from napari_cytoclip.widgets.layers import (apply_batch, create_labels_layer, drop_views, finish_layers, focus_cell, image_transform,
-                     redraw_labels, review_marker, show_confidence)
-from napari_cytoclip.widgets.legend import RegionLegend
-from napari_cytoclip.widgets.review import advance_review, describe_top, identify_cells, shapes_to_grid
+from napari_cytoclip.widgets.identify_panel import TOP_K, IdentifyPanel  # noqa: F401 (TOP_K: public)
+from napari_cytoclip.widgets.layers import (apply_batch, create_labels_layer, drop_views, finish_layers, image_transform,
+                     redraw_labels, show_confidence)
+from napari_cytoclip.widgets.legend_panel import LegendPanel
+from napari_cytoclip.widgets.predict_steps import WORKER_NICE, prediction_steps  # noqa: F401 (public names)
+from napari_cytoclip.widgets.review_panel import ReviewPanel
+from napari_cytoclip.widgets.teach_panel import TeachPanel
 from napari_cytoclip.widgets.state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,
                     state_of)
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 BATCH_SIZE = 64
-TOP_K = 5
 REDRAW_MS = 200  # while streaming, the Labels layer is redrawn at most this often (a redraw costs 30-70 ms here)
-WORKER_NICE = 5  # the prediction worker's CPU priority (Linux nice value): below the UI thread
 PIXEL_SIZE_MAX = 1e9  # µm; far above what check_pixel_size accepts, so an absurd layer scale is shown, then refused
-
-
-def prediction_steps(state: PredictionState, device: str, batch_size: int,
-                     cache: Path | None = None) -> Generator:
-    """Load the model if needed (yields ``("model", model)``), then yield BatchResults; returns the Prediction.
-
-    With ``cache``: a cache there made for this image, model and grid is loaded instead of
-    predicting (yields ``("cached", folder)``); otherwise the new prediction is saved there
-    (an older cache in that folder is replaced). Runs in the worker thread; it only reads
-    ``state``'s inputs and never touches layers.
-    """
-    from napari_cytoclip.inference.cache import expected_signature, is_cache, load_prediction, save_prediction
-    from napari_cytoclip.errors import CacheMismatch
-    from napari_cytoclip.models.model import load_model
-    from napari_cytoclip.inference.predict import predict_iter
-
-    _yield_cpu_to_ui()
-    model = state.model
-    if model is None:
-        model = load_model(state.bundle, device=device, precision="auto")
-        yield ("model", model)
-    if cache is not None and is_cache(cache):
-        try:
-            prediction = load_prediction(cache, expected_signature(state.section, state.bundle, state.grid),
-                                         lazy=False)
-        except CacheMismatch:
-            prediction = None  # another image, model or grid: predict and replace it
-        if prediction is not None:
-            yield ("cached", cache)
-            return prediction
-    inner = predict_iter(state.section, model, stride_um=state.stride_um, batch_size=batch_size)
-    prediction = yield from inner
-    if cache is not None:
-        save_prediction(prediction, cache)
-        yield ("saved", cache)
-    return prediction
-
-
-def _yield_cpu_to_ui(niceness: int = WORKER_NICE) -> None:
-    """Lower the calling (worker) thread's CPU priority, so that the UI thread wins a busy CPU.
-
-    Linux only (``setpriority`` on a thread id); torch's thread pool, started from this thread,
-    inherits it. Elsewhere, or when not permitted, nothing changes.
-    """
-    import threading
-
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), niceness))
-    except (AttributeError, OSError):
-        pass
 
 
 class PredictWidget(QWidget):
@@ -89,7 +42,7 @@ class PredictWidget(QWidget):
     ``metadata["cytoclip"]``. The legend, review queue and identify box act on the prediction of
     the active cytoclip Labels layer (or the latest run).
 
-    UI responsiveness: the model loads, and the section is planned, in the thread worker (at a
+    UI responsiveness: the model loads, and the section is planned, in a thread of the run's own (at a
     lower CPU priority, ``WORKER_NICE``); batches write into the layer's data in place and redraw
     it at most every ``REDRAW_MS``; the end of a run is split over event-loop turns.
     """
@@ -128,18 +81,16 @@ class PredictWidget(QWidget):
         self.progress = ProgressBar(value=0, min=0, max=1, label="")
         self.status = status_label("Choose an image and press Run.")
 
-        self.legend = RegionLegend()
-        self.review_button = PushButton(text="Next uncertain tile",
-                                        tooltip="Confirm the tile shown (as it is now) and go to the next one")
-        self.skip_button = PushButton(text="Skip", tooltip="Go to the next tile without confirming this one")
-        self.review_status = status_label("Visits the least confident tiles. Next confirms the tile shown "
-                                          "(repaint it first if wrong); Skip leaves it unconfirmed.")
-        self.identify_button = PushButton(text="Identify selection")
-        self.identify_text = QPlainTextEdit()
-        self.identify_text.setReadOnly(True)
-        self.identify_text.setPlaceholderText("Select a label (or draw and select a shape) and press "
-                                              "Identify: the 5 most likely regions for those tiles.")
-        self.identify_text.setMaximumHeight(110)
+        self.legend_panel = LegendPanel(self)
+        self.review_panel = ReviewPanel(self)
+        self.identify_panel = IdentifyPanel(self)
+        self.teach_panel = TeachPanel(napari_viewer, host=self)
+        self.legend_panel.layout().addWidget(self.teach_panel.new_region_button)
+        self.legend = self.legend_panel.legend  # the panels' parts, as attributes of the widget
+        self.review_button, self.skip_button = self.review_panel.review_button, self.review_panel.skip_button
+        self.review_status = self.review_panel.review_status
+        self.identify_button = self.identify_panel.identify_button
+        self.identify_text = self.identify_panel.identify_text
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button.native)
@@ -150,21 +101,11 @@ class PredictWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress.native)
         layout.addWidget(self.status)
-        layout.addWidget(group("Regions (click to paint)", self.legend))
-        review_buttons = QWidget()
-        row = QHBoxLayout(review_buttons)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.review_button.native)
-        row.addWidget(self.skip_button.native)
-        layout.addWidget(group("Review queue", review_buttons, self.review_status))
-        layout.addWidget(group("Identify selection", self.identify_button.native, self.identify_text))
+        layout.addWidget(self.legend_panel)
+        layout.addWidget(self.teach_panel)
+        layout.addWidget(self.review_panel)
+        layout.addWidget(self.identify_panel)
         layout.addStretch(1)
-
-        self._legend_timer = QTimer(self)  # repaint strokes refresh the legend's shares, debounced
-        self._legend_timer.setSingleShot(True)
-        self._legend_timer.setInterval(300)
-        self._legend_timer.timeout.connect(self._refresh_legend)
-        self._painted_layer = None
 
         # Main-thread work of a threaded run is kept in small steps: batches write into the layer's
         # data at once but redraw it at most every REDRAW_MS; the end of a run is split into steps
@@ -186,10 +127,6 @@ class PredictWidget(QWidget):
         self.model_path.changed.connect(self._refresh_model_info)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
-        self.legend.region_clicked.connect(self.paint_with)
-        self.review_button.changed.connect(self.next_uncertain)
-        self.skip_button.changed.connect(self.skip_uncertain)
-        self.identify_button.changed.connect(self.identify_selection)
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         napari_viewer.layers.selection.events.active.connect(self._on_active_layer)
         napari_viewer.dims.events.current_step.connect(self._refresh_plane)
@@ -558,125 +495,28 @@ class PredictWidget(QWidget):
     def _set_current(self, state: PredictionState | None) -> None:
         if self._state is not None:
             self._state.changed.disconnect(self._on_state_changed)
-        if self._painted_layer is not None:
-            self._painted_layer.events.paint.disconnect(self._on_paint)
-            self._painted_layer = None
         self._state = state
         if state is not None:
             state.changed.connect(self._on_state_changed)
-            if state.labels_layer is not None:
-                self._painted_layer = state.labels_layer
-                self._painted_layer.events.paint.connect(self._on_paint)  # a cue only: the payload is not read
-        self._refresh_legend()
-        self._refresh_review_text()
-
-    def _on_paint(self, *_: Any) -> None:
-        self._legend_timer.start()
+        self.legend_panel.follow(state)
+        self.teach_panel.follow(state)
+        self.review_panel.refresh()
 
     def _on_state_changed(self, what: str) -> None:
-        if what in ("regions", "complete"):
+        if what in ("regions", "complete", "taught", "reviewed"):
             self._refresh_legend()
         if what in ("reviewed", "complete", "regions"):
-            self._refresh_review_text()
+            self.review_panel.refresh()
 
     def _refresh_legend(self) -> None:
-        state = self._state
-        if state is None:
-            self.legend.set_regions([])
-            return
-        labels = np.asarray(state.labels_layer.data) if state.complete and state.labels_layer is not None else None
-        self.legend.set_regions(state.regions, labels)
+        self.legend_panel.refresh()
 
-    def _refresh_review_text(self) -> None:
-        state = self._state
-        if state is None or not state.complete:
-            return
-        n = int(state.reviewed.sum())
-        if n or state.visited.any():
-            self.review_status.setText(f"{n} of {len(state.prediction.cells)} tiles confirmed.")
+    def model_for(self, state: PredictionState) -> Any:
+        """The loaded model of ``state`` (None if it was never loaded)."""
+        return state.model or self._models.get(state.model_key)
 
-    # ------------------------------------------------------------------ legend, review, identify
-    def paint_with(self, region_id: int) -> None:
-        """Select ``region_id`` as the paint label of the current Labels layer and switch to painting."""
-        state = self._state
-        layer = state.labels_layer if state is not None else None
-        if not layer_alive(self.viewer, layer):
-            self._warn("Run a prediction first: there is no region layer to paint in.")
-            return
-        layer.selected_label = int(region_id)
-        self.viewer.layers.selection.active = layer
-        if layer.editable:
-            layer.mode = "paint"
-        region = state.region(region_id)
-        self.status.setText(f"Painting {region.name if region else region_id} (id {region_id}).")
-
-    def next_uncertain(self, *_: Any) -> tuple[int, int] | None:
-        """Confirm the tile shown (moving on is the user's confirmation) and show the least confident unseen one."""
-        return self._advance_review(confirm=True)
-
-    def skip_uncertain(self, *_: Any) -> tuple[int, int] | None:
-        """Show the next least confident tile, leaving the one shown unconfirmed."""
-        return self._advance_review(confirm=False)
-
-    def _advance_review(self, confirm: bool) -> tuple[int, int] | None:
-        state = self._complete_state()
-        if state is None:
-            return None
-        pred = state.prediction
-        left, cell = advance_review(state, confirm)
-        state.publish()
-        state.changed.emit("reviewed")
-        n = int(state.reviewed.sum())
-        if cell is None:
-            self.review_status.setText(f"Every tile has been shown ({n} confirmed).")
-            return None
-        r, c = cell
-        focus_cell(self.viewer, state, (r, c))
-        review_marker(self.viewer, state, (r, c))
-        label = int(np.asarray(state.labels_layer.data)[r, c])
-        region = state.region(label)
-        self.review_status.setText(
-            f"Tile ({r}, {c}): {region.name if region else 'no region'}, {pred.confidence[r, c]:.0%} confident "
-            f"({n} of {len(pred.cells)} confirmed). Repaint it if wrong; Next confirms it, Skip does not.")
-        return r, c
-
-    def identify_selection(self, *_: Any) -> list[tuple[Any, float, float]] | None:
-        """Top regions for the selected shape's tiles, or else for all tiles of the selected label."""
-        state = self._complete_state()
-        if state is None:
-            return None
-        try:
-            mask, what = self._selection_mask(state)
-        except ValueError as exc:
-            self._warn(str(exc))
-            self.identify_text.setPlainText(str(exc))
-            return None
-        model = state.model or self._models.get(state.model_key)
-        n, top = identify_cells(state, model, mask, TOP_K)
-        if n == 0:
-            self.identify_text.setPlainText(f"No classified tissue tiles in {what}.")
-            return None
-        self.identify_text.setPlainText(describe_top(n, what, top))
-        return top
-
-    def _selection_mask(self, state: PredictionState) -> tuple[np.ndarray, str]:
-        from napari.layers import Shapes
-
-        active = self.viewer.layers.selection.active
-        if isinstance(active, Shapes) and active.selected_data:
-            mask = shapes_to_grid(active, sorted(active.selected_data), state)
-            return mask, f"the selected shape{'s' if len(active.selected_data) > 1 else ''}"
-        layer = state.labels_layer
-        if not layer_alive(self.viewer, layer):
-            raise ValueError("The region layer was closed.")
-        label = int(layer.selected_label)
-        region = state.region(label)
-        mask = np.asarray(layer.data) == label
-        if not mask.any():
-            raise ValueError(f"No tile carries the selected label {label}; pick a label (or select a shape).")
-        return mask, f"label {label}" + (f" ({region.name})" if region else "")
-
-    def _complete_state(self) -> PredictionState | None:
+    def complete_state(self) -> PredictionState | None:
+        """The current prediction when it ran to the end and its layer is open; else warns and returns None."""
         state = self._state
         if state is None or not state.complete:
             self._warn("Run a prediction to the end first (a cancelled run has no tile embeddings).")
@@ -685,6 +525,23 @@ class PredictWidget(QWidget):
             self._warn("The region layer of this prediction was closed.")
             return None
         return state
+
+    # ------------------------------------------------------------------ the panels' actions
+    def paint_with(self, region_id: int) -> None:
+        """Select ``region_id`` as the paint label of the current Labels layer and switch to painting."""
+        self.legend_panel.paint_with(region_id)
+
+    def next_uncertain(self, *_: Any) -> tuple[int, int] | None:
+        """Confirm the tile shown and show the least confident unseen one (see :class:`ReviewPanel`)."""
+        return self.review_panel.next_uncertain()
+
+    def skip_uncertain(self, *_: Any) -> tuple[int, int] | None:
+        """Show the next least confident tile, leaving the one shown unconfirmed."""
+        return self.review_panel.skip_uncertain()
+
+    def identify_selection(self, *_: Any) -> list[tuple[Any, float, float]] | None:
+        """Top regions for the selected shape's tiles, or else for all tiles of the selected label."""
+        return self.identify_panel.identify_selection()
 
     # ------------------------------------------------------------------ messages
     def _error(self, text: str) -> None:
@@ -698,6 +555,8 @@ class PredictWidget(QWidget):
 
         self.status.setText(f"⚠ {text}")
         show_warning(text)
+
+    warn = _warn
 
 
 def _folder_value(value: Any) -> Path | None:

@@ -9,7 +9,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
 from napari_cytoclip.widgets.common import LayerChoices, group, message_of, prediction_layer_choices, status_label
-from napari_cytoclip.widgets.layers import auto_color, acronym_of, focus_cell, highlight_mask, query_layers, refresh_region_layers
+from napari_cytoclip.widgets.layers import focus_cell, highlight_mask, query_layers, refresh_region_layers
 from napari_cytoclip.widgets.state import PredictionState, layer_alive, state_of
 
 DEBOUNCE_MS = 150
@@ -179,8 +179,6 @@ class QueryWidget(QWidget):
         Cells the user has painted keep their paint; all others take the new decoding, and those
         whose label changed lose their review confirmation (the user has not seen the new label).
         """
-        from napari_cytoclip.models.bundle import Region, validate_regions
-
         state = self._ready_state()
         name = str(self.region_name.value or "").strip()
         description = str(self.region_description.value or "").strip()
@@ -193,11 +191,9 @@ class QueryWidget(QWidget):
         if any(r.name.lower() == name.lower() for r in state.regions):
             self._error(f"A region named '{name}' is already in the vocabulary.")
             return None
-        new = Region(max(r.id for r in state.regions) + 1, name, acronym_of(name),
-                     auto_color([r.color for r in state.regions], len(state.regions)), description)
-        regions = [*state.regions, new]
         try:
-            validate_regions(regions, name)
+            new = state.add_region(name, None, description)  # the one way regions are added (as New region...)
+            regions = list(state.regions)
             layer = state.labels_layer
             current = np.asarray(layer.data).copy()
             edited = state.edited_mask(current)

@@ -36,7 +36,7 @@ class PredictionState:
     napari layers of this prediction.
     """
 
-    changed = Signal(str)  # "batch", "complete", "status", "regions", "reviewed"
+    changed = Signal(str)  # "batch", "complete", "status", "regions", "reviewed", "taught"
 
     def __init__(self, *, image_name: str, section: Any, grid: Any, bundle: Any, model_key: tuple,
                  stride_um: float, image_scale: tuple, image_translate: tuple):
@@ -66,6 +66,11 @@ class PredictionState:
         self.total = 0
         self.layers: dict[str, Any] = {}
         self.finetuned_bundle: Path | None = None
+        # teaching (widgets/teach_panel.py): the learner of the last *Update map*, and what it replaced
+        self.learner = None             # napari_cytoclip.teach.teaching.TaughtLearner, or None
+        self.undo_update: dict | None = None
+        self.taught_bundle: Path | None = None  # the last taught model saved from this prediction
+        self._bundle_counts: dict[int, int] | None = None
 
     @property
     def model(self):
@@ -128,6 +133,69 @@ class PredictionState:
     def region(self, region_id: int):
         return next((r for r in self.regions if r.id == int(region_id)), None)
 
+    # ------------------------------------------------------------------ vocabulary and teaching
+    def add_region(self, name: str, color: str | None = None, description: str = ""):
+        """Add a region (id = largest id + 1) to this prediction's vocabulary and return it.
+
+        The one way regions are added (the legend's *New region...* and Text query's *Add region*):
+        it gets a label to paint with and the learner treats it like any region (its description,
+        when given, is its text prior). Emits ``changed("regions")``; relabelling is the caller's.
+        Raises ValueError for an empty or repeated name or a bad colour.
+        """
+        from napari_cytoclip.errors import BundleError
+        from napari_cytoclip.models.bundle import Region, parse_color, validate_regions
+        from napari_cytoclip.widgets.layers import acronym_of, auto_color
+
+        name = str(name or "").strip()
+        if not name:
+            raise ValueError("give the new region a name")
+        if any(r.name.strip().lower() == name.lower() for r in self.regions):
+            raise ValueError(f"a region named '{name}' is already in the vocabulary")
+        try:
+            color = parse_color(color, name) if color else auto_color([r.color for r in self.regions],
+                                                                     len(self.regions))
+            new = Region(max([r.id for r in self.regions] + [0]) + 1, name, acronym_of(name), color,
+                         str(description or "").strip())
+            validate_regions([*self.regions, new], name)
+        except BundleError as exc:
+            raise ValueError(exc.problem) from None
+        self.regions = [*self.regions, new]
+        self.publish()
+        self.changed.emit("regions")
+        return new
+
+    def taught_mask(self, current: np.ndarray) -> np.ndarray:
+        """Cells the learner is taught from: painted (non-zero) or confirmed, on the current layer data."""
+        current = np.asarray(current)
+        return (self.edited_mask(current) | self.reviewed) & (current > 0)
+
+    def taught_counts(self, current: np.ndarray) -> dict[int, int]:
+        """Taught cells per region id: this section's painted and confirmed cells plus those of the
+        taught model's teaching set (other sections; a set holding this section counts it once)."""
+        current = np.asarray(current)
+        ids, n = np.unique(current[self.taught_mask(current)], return_counts=True)
+        counts = {int(i): int(k) for i, k in zip(ids, n)}
+        for rid, k in self.bundle_taught_counts().items():
+            counts[rid] = counts.get(rid, 0) + k
+        return counts
+
+    def bundle_taught_counts(self) -> dict[int, int]:
+        """Taught cells per region in the model's own teaching set, other sections than this one."""
+        if self._bundle_counts is None:
+            self._bundle_counts = {}
+            if getattr(self.bundle, "taught", False):
+                from napari_cytoclip.teach.teaching import load_teaching_set
+
+                try:
+                    ts = load_teaching_set(self.bundle.path)
+                    mine = {i for i, s in enumerate(ts.sources) if s.get("hash") == self.section.content_hash()}
+                    keep = ts.taught() & ~np.isin(ts.source, list(mine))
+                    ids, n = np.unique(ts.region[keep], return_counts=True)
+                    self._bundle_counts = {int(i): int(k) for i, k in zip(ids, n)}
+                except Exception:  # noqa: BLE001 - counts are a display; load errors surface when teaching
+                    self._bundle_counts = {}
+        return self._bundle_counts
+
     def summary(self) -> dict:
         """Plain values for ``layer.metadata["cytoclip"]`` (besides the state object)."""
         return {
@@ -141,6 +209,7 @@ class PredictionState:
             "prediction_folder": str(self.prediction_folder) if self.prediction_folder else None,
             "regions": [r.to_dict() for r in self.regions],
             "finetuned_bundle": str(self.finetuned_bundle) if self.finetuned_bundle else None,
+            "taught_bundle": str(self.taught_bundle) if self.taught_bundle else None,
         }
 
     def publish(self) -> None:

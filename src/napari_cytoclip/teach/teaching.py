@@ -1,0 +1,463 @@
+"""Teaching sets and the taught learner: painted and confirmed cells -> a head refitted in seconds.
+
+A :class:`TeachingSet` holds one row per taught cell (pooled image features, joint embedding,
+region id, source section, grid cell, painted or confirmed), the regions table (known and new
+regions), the sections it came from and per-section feature sums (for standardising). It is stored
+as ``teaching.safetensors`` (numpy arrays) + ``teaching.json``; never pickled.
+
+:func:`fit_learner` fits :class:`TaughtLearner` (the research :class:`~napari_cytoclip.teach.learner.Learner`
+plus, per class, whether it has a text prior, and the decoding settings) around the base model's
+text classifier; :func:`decode_with_learner` relabels a prediction from its cached features.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from napari_cytoclip.errors import BundleError, CytoclipError
+from napari_cytoclip.models.bundle import (LEARNER_FILE, TEACHING_JSON, TEACHING_SAFETENSORS, Region, read_json,
+                                           region_from_dict, validate_regions)
+from napari_cytoclip.teach.learner import Learner, prior_logits, smooth
+
+FEATURE_KIND = "pooled"             # the image tower's pooled trunk features (teach/features.py)
+JOINT = "joint"                     # models without a trunk/head split (e.g. open_clip ViTs): the joint embedding
+TEACHING_FORMAT = "napari-cytoclip-teaching"
+TEACHING_VERSION = 1
+PAINTED, CONFIRMED, UNCHANGED = 0, 1, 2  # UNCHANGED: a sample of cells left as predicted (weak context)
+CONTEXT_CELLS = 2000                # unchanged cells kept per section as weak examples of their predicted region
+CONTEXT_WEIGHT = 0.2                # their weight relative to painted/confirmed cells: without them a
+                                    # single painted region has no counter-examples and floods the map
+DEFAULT_RADIUS = 1                  # the research helper's best voting (teach_findings / benchmarks/teach.py: r1)
+DEFAULT_SELF_WEIGHT = 1.0
+STATS_SAMPLE = 2000                 # slow path (no cached features): other cells read for the standardisation
+
+
+# ---------------------------------------------------------------------------------------------
+# teaching sets
+
+@dataclass
+class TeachingSet:
+    """Taught cells of one or more sections (see the module docstring)."""
+
+    features: np.ndarray                 # (n, F) float16 pooled features
+    joint: np.ndarray                    # (n, D) float16 joint embeddings (for the text prior)
+    region: np.ndarray                   # (n,) int64 region ids
+    source: np.ndarray                   # (n,) int64 index into ``sources``
+    cell: np.ndarray                     # (n, 2) int32 grid cells (row, col)
+    kind: np.ndarray                     # (n,) uint8 PAINTED / CONFIRMED / UNCHANGED
+    stat_sum: np.ndarray                 # (S, F) float64 sums of the features of each section's cells
+    stat_sq: np.ndarray                  # (S, F) float64 sums of squares
+    stat_n: np.ndarray                   # (S,) int64 cells summed
+    regions: list[Region]
+    sources: list[dict]                  # {"name", "hash", "time", "painted", "confirmed"}
+    model: dict                          # base model {"name", "hash"} whose features these are
+    feature_kind: str = FEATURE_KIND
+
+    def __len__(self) -> int:
+        return len(self.region)
+
+    def taught(self) -> np.ndarray:
+        """Rows of painted or confirmed cells (not the unchanged context)."""
+        return self.kind != UNCHANGED
+
+    def counts(self) -> dict[int, int]:
+        """Taught (painted or confirmed) cells per region id."""
+        ids, n = np.unique(self.region[self.taught()], return_counts=True)
+        return {int(i): int(k) for i, k in zip(ids, n)}
+
+    def standardisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std of the features over every cell of the taught sections (as ``Learner.set_stats``)."""
+        n = max(int(self.stat_n.sum()), 1)
+        mean = self.stat_sum.sum(0) / n
+        std = np.sqrt(np.maximum(self.stat_sq.sum(0) / n - mean ** 2, 0.0))
+        std = np.maximum(std, 1e-3 * max(float(std.mean()), 1e-12) + 1e-6)
+        return mean.astype(np.float32), std.astype(np.float32)
+
+    def extend(self, other: "TeachingSet", source: Any = None) -> "TeachingSet":
+        """This set plus ``other``; a section (by hash) in both keeps ``other``'s examples only."""
+        if other.model.get("hash") != self.model.get("hash") or other.feature_kind != self.feature_kind:
+            raise CytoclipError(source, f"taught with model {other.model.get('name')} ({other.model.get('hash')}), "
+                                        f"not {self.model.get('name')} ({self.model.get('hash')}); "
+                                        "export the sections again with the same model")
+        regions = merge_regions(self.regions, other.regions, source)
+        again = {s["hash"] for s in other.sources}
+        keep_src = [i for i, s in enumerate(self.sources) if s["hash"] not in again]
+        remap = np.full(len(self.sources), -1, np.int64)
+        remap[keep_src] = np.arange(len(keep_src))
+        rows = np.flatnonzero(remap[self.source] >= 0) if len(self) else np.zeros(0, np.int64)
+        cat = lambda a, b: np.concatenate([a, b])  # noqa: E731
+        return TeachingSet(
+            features=cat(self.features[rows], other.features), joint=cat(self.joint[rows], other.joint),
+            region=cat(self.region[rows], other.region),
+            source=cat(remap[self.source[rows]], other.source + len(keep_src)),
+            cell=cat(self.cell[rows], other.cell), kind=cat(self.kind[rows], other.kind),
+            stat_sum=cat(self.stat_sum[keep_src], other.stat_sum), stat_sq=cat(self.stat_sq[keep_src], other.stat_sq),
+            stat_n=cat(self.stat_n[keep_src], other.stat_n), regions=regions,
+            sources=[self.sources[i] for i in keep_src] + list(other.sources), model=dict(self.model),
+            feature_kind=self.feature_kind)
+
+    # -- files ------------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"features": np.ascontiguousarray(self.features, np.float16),
+                "joint": np.ascontiguousarray(self.joint, np.float16),
+                "region": np.asarray(self.region, np.int64), "source": np.asarray(self.source, np.int64),
+                "cell": np.ascontiguousarray(self.cell, np.int32), "kind": np.asarray(self.kind, np.uint8),
+                "stat_sum": np.asarray(self.stat_sum, np.float64), "stat_sq": np.asarray(self.stat_sq, np.float64),
+                "stat_n": np.asarray(self.stat_n, np.int64)}
+
+    def description(self) -> dict:
+        return {"format": TEACHING_FORMAT, "version": TEACHING_VERSION, "feature_kind": self.feature_kind,
+                "model": self.model, "regions": [r.to_dict() for r in self.regions], "sources": self.sources,
+                "counts": {str(k): v for k, v in self.counts().items()}, "cells": len(self)}
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``teaching.safetensors`` then ``teaching.json`` into ``folder``, each atomically."""
+        from safetensors.numpy import save
+
+        from napari_cytoclip.io.safe_files import atomic_write_bytes, atomic_write_text
+
+        folder = Path(folder)
+        atomic_write_bytes(folder / TEACHING_SAFETENSORS, save(self.arrays(), metadata={"format": TEACHING_FORMAT}))
+        atomic_write_text(folder / TEACHING_JSON, json.dumps(self.description(), indent=1))
+
+
+def has_teaching_set(folder: str | Path) -> bool:
+    return (Path(folder) / TEACHING_JSON).is_file() or (Path(folder) / TEACHING_SAFETENSORS).is_file()
+
+
+def load_teaching_set(folder: str | Path, error: type[CytoclipError] = CytoclipError) -> TeachingSet:
+    """Read and validate a teaching set (shapes, ids in the regions table, finite numbers)."""
+    folder = Path(folder)
+    meta_path, arr_path = folder / TEACHING_JSON, folder / TEACHING_SAFETENSORS
+    for p in (meta_path, arr_path):
+        if not p.is_file():
+            raise error(folder, f"holds no teaching examples ({p.name} is missing); export corrections into it with "
+                                "'napari-cytoclip export-pairs' first")
+    meta = read_json(meta_path, error)
+    if not isinstance(meta, dict) or meta.get("format") != TEACHING_FORMAT:
+        raise error(meta_path, "not a teaching set written by napari-cytoclip")
+    if int(meta.get("version", 0)) > TEACHING_VERSION:
+        raise error(meta_path, f"teaching set version {meta.get('version')} is newer than this napari-cytoclip reads")
+    try:
+        regions = [region_from_dict(r, meta_path) for r in meta["regions"]]
+        validate_regions(regions, meta_path)
+        sources, model = list(meta["sources"]), dict(meta["model"])
+        if not all(isinstance(s, dict) and isinstance(s.get("hash"), str) for s in sources):
+            raise ValueError("every source needs a 'hash'")
+    except BundleError as exc:
+        raise error(meta_path, exc.problem) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise error(meta_path, f"incomplete teaching description ({exc})") from None
+    a = _read_safetensors(arr_path, error)
+    need = ("features", "joint", "region", "source", "cell", "kind", "stat_sum", "stat_sq", "stat_n")
+    missing = [k for k in need if k not in a]
+    if missing:
+        raise error(arr_path, f"missing arrays {missing}")
+    n, s = len(a["region"]), len(sources)
+    shapes_ok = (a["features"].ndim == 2 and a["joint"].ndim == 2 and len(a["features"]) == n and len(a["joint"]) == n
+                 and a["region"].ndim == 1 and a["source"].shape == (n,) and a["cell"].shape == (n, 2)
+                 and a["kind"].shape == (n,) and a["stat_sum"].shape == (s, a["features"].shape[1])
+                 and a["stat_sq"].shape == a["stat_sum"].shape and a["stat_n"].shape == (s,))
+    if not shapes_ok:
+        raise error(arr_path, "array shapes do not agree with each other or with the sections listed in "
+                              f"{TEACHING_JSON}: the teaching set is damaged")
+    if not all(np.isfinite(a[k]).all() for k in ("features", "joint", "stat_sum", "stat_sq")):
+        raise error(arr_path, "holds non-finite numbers: the teaching set is damaged")
+    unknown = sorted(set(np.unique(a["region"]).tolist()) - {r.id for r in regions})
+    if unknown:
+        raise error(arr_path, f"taught region ids {unknown} are not in the regions of {TEACHING_JSON}")
+    if n and (a["source"].min() < 0 or a["source"].max() >= s):
+        raise error(arr_path, "examples point at sections that are not listed: the teaching set is damaged")
+    return TeachingSet(features=a["features"], joint=a["joint"], region=a["region"].astype(np.int64),
+                       source=a["source"].astype(np.int64), cell=a["cell"].astype(np.int32),
+                       kind=a["kind"].astype(np.uint8), stat_sum=a["stat_sum"], stat_sq=a["stat_sq"],
+                       stat_n=a["stat_n"].astype(np.int64), regions=regions, sources=sources, model=model,
+                       feature_kind=str(meta.get("feature_kind", FEATURE_KIND)))
+
+
+def _read_safetensors(path: Path, error: type[CytoclipError]) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several kinds for a truncated or foreign file
+        raise error(path, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def merge_regions(first: Sequence[Region], second: Sequence[Region], source: Any = None) -> list[Region]:
+    """``first`` then the regions of ``second`` it lacks; one id named two ways is refused."""
+    out = {r.id: r for r in first}
+    for r in second:
+        old = out.get(r.id)
+        if old is not None and old.name.strip().lower() != r.name.strip().lower():
+            raise CytoclipError(source, f"region id {r.id} is '{old.name}' in one teaching set and '{r.name}' in "
+                                        "another; give each region one id")
+        out.setdefault(r.id, r)
+    return sorted(out.values(), key=lambda r: r.id)
+
+
+def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Region], features: Any, *,
+                          confirmed: np.ndarray | None = None, name: str, section_hash: str, model: dict,
+                          when: str, feature_rows: np.ndarray | None = None,
+                          feature_kind: str = FEATURE_KIND) -> TeachingSet:
+    """The teaching set of one corrected section.
+
+    Painted cells: ``edited`` (grid shape) differs from ``prediction.labels`` and is non-zero; confirmed
+    cells: ``confirmed`` and labelled. Only encoded cells (those with features) are taught. ``features``
+    are rows of ``prediction.cells`` (all of them, or those in ``feature_rows``, which must include every
+    taught cell; the others only enter the standardisation).
+    """
+    cells = np.asarray(prediction.cells)
+    edited = np.asarray(edited)
+    painted = (edited != np.asarray(prediction.labels)) & (edited > 0)
+    ok = (np.asarray(confirmed, bool) if confirmed is not None else np.zeros(edited.shape, bool)) & (edited > 0) & ~painted
+    lab = edited[cells[:, 0], cells[:, 1]] if len(cells) else np.zeros(0, edited.dtype)
+    kind = np.where(painted[cells[:, 0], cells[:, 1]], PAINTED, CONFIRMED).astype(np.uint8) if len(cells) \
+        else np.zeros(0, np.uint8)
+    taught = np.flatnonzero(painted[cells[:, 0], cells[:, 1]] | ok[cells[:, 0], cells[:, 1]]) if len(cells) \
+        else np.zeros(0, np.int64)
+    rows = np.arange(len(cells)) if feature_rows is None else np.asarray(feature_rows, np.int64)
+    pos = np.full(len(cells), -1, np.int64)
+    pos[rows] = np.arange(len(rows))
+    context = np.setdiff1d(rows, taught)
+    context = context[lab[context] > 0]
+    context = context[np.linspace(0, len(context) - 1, min(len(context), CONTEXT_CELLS)).astype(np.int64)] \
+        if len(context) else context
+    kind[context] = UNCHANGED
+    n_taught = len(taught)
+    taught = np.concatenate([taught, context])
+    if (pos[taught] < 0).any():
+        raise ValueError("features are missing for some taught cells")
+    feats = np.asarray(features, np.float16) if not isinstance(features, np.ndarray) or features.dtype != np.float16 \
+        else features
+    f64 = feats.astype(np.float64)
+    by_id = {r.id: r for r in regions}
+    src = {"name": name, "hash": section_hash, "time": when, "painted": int((kind[taught] == PAINTED).sum()),
+           "confirmed": int((kind[taught] == CONFIRMED).sum()), "unchanged_context": int(len(context)),
+           "skipped_not_encoded": int(painted.sum() + ok.sum() - n_taught)}
+    return TeachingSet(
+        features=np.ascontiguousarray(feats[pos[taught]]),
+        joint=np.asarray(np.asarray(prediction.embeddings[taught]) if len(taught) else
+                         np.zeros((0, prediction.embeddings.shape[1])), np.float16),
+        region=lab[taught].astype(np.int64), source=np.zeros(len(taught), np.int64),
+        cell=cells[taught].astype(np.int32), kind=kind[taught], stat_sum=f64.sum(0)[None],
+        stat_sq=(f64 * f64).sum(0)[None], stat_n=np.array([len(f64)], np.int64),
+        regions=sorted(by_id.values(), key=lambda r: r.id),
+        sources=[src], model=dict(model), feature_kind=feature_kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# features of a prediction
+
+def prediction_features(prediction, model=None, section=None, rows: np.ndarray | None = None) -> np.ndarray:
+    """Pooled features of ``prediction.cells[rows]`` (all cells by default): from the cache
+    (``prediction.features``) when there, else read and encoded again (needs ``model`` and ``section``)."""
+    cached = getattr(prediction, "features", None)
+    idx = np.arange(len(prediction.cells)) if rows is None else np.asarray(rows, np.int64)
+    if cached is not None:
+        return np.asarray(cached[:] if rows is None else np.asarray(cached)[idx], np.float16)
+    if model is None or section is None:
+        raise CytoclipError(prediction.source or None, "the prediction has no cached image features; "
+                                                       "predict again with this version")
+    from napari_cytoclip.inference.windows import WindowReader
+    from napari_cytoclip.teach.features import tower_features
+
+    reader = WindowReader(section, model.input, prediction.polarity)
+    out = []
+    for i in range(0, len(idx), 128):
+        windows = reader.read(prediction.grid.centers(np.asarray(prediction.cells)[idx[i:i + 128]]))
+        out.append(tower_features(model, windows)[1].astype(np.float16))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float16)
+
+
+def stats_rows(n_cells: int, taught: np.ndarray, sample: int = STATS_SAMPLE) -> np.ndarray:
+    """Taught rows plus an even sample of the others (the slow path's standardisation)."""
+    step = max(1, n_cells // max(sample, 1))
+    return np.union1d(np.asarray(taught, np.int64), np.arange(0, n_cells, step))
+
+
+# ---------------------------------------------------------------------------------------------
+# the learner
+
+@dataclass
+class TaughtLearner(Learner):
+    """:class:`Learner` plus which classes have a text prior and how cells are voted."""
+
+    class_text: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    radius: int = DEFAULT_RADIUS
+    self_weight: float = DEFAULT_SELF_WEIGHT
+    feature_kind: str = FEATURE_KIND
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        state = super().to_state()
+        state["class_text"] = np.asarray(self.class_text, np.uint8)
+        state["decode"] = np.array([self.radius, self.self_weight], np.float64)
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, feature_kind: str = FEATURE_KIND) -> "TaughtLearner":
+        base = Learner.from_state(state)
+        d = np.asarray(state["decode"], np.float64).ravel()
+        return cls(**{k: getattr(base, k) for k in Learner.__dataclass_fields__},
+                   class_text=np.asarray(state["class_text"]).astype(bool), radius=int(d[0]),
+                   self_weight=float(d[1]), feature_kind=feature_kind)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.numpy import save
+
+        from napari_cytoclip.io.safe_files import atomic_write_bytes
+
+        atomic_write_bytes(path, save(self.to_state(), metadata={"format": "napari-cytoclip-learner",
+                                                                  "feature_kind": self.feature_kind}))
+
+
+def read_learner(path: str | Path, regions: Sequence[Region]) -> TaughtLearner:
+    """Read and validate ``learner.safetensors`` against a bundle's ``regions`` (BundleError otherwise)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    state = _read_safetensors(path, BundleError)
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+    except Exception:  # pragma: no cover - read above already
+        meta = {}
+    need = ("version", "classes", "W", "b", "mean", "std", "alpha", "hyper", "taught_counts", "class_text", "decode")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise BundleError(path, f"not a learner file: missing {missing}")
+    c, w = state["classes"], state["W"]
+    d = state["mean"].shape[0] if state["mean"].ndim == 1 else -1
+    if not (c.ndim == 1 and len(c) > 0 and w.shape == (len(c), d) and state["b"].shape == (len(c),)
+            and state["std"].shape == (d,) and state["class_text"].shape == (len(c),)
+            and state["taught_counts"].shape == (len(c),) and state["decode"].size == 2
+            and state["alpha"].size == 1 and state["hyper"].ndim == 1 and state["hyper"].size >= 6):
+        raise BundleError(path, "the learner's array shapes do not agree (classes, W, b, mean, std): it is damaged")
+    floats = ("W", "b", "mean", "std", "alpha", "hyper", "decode")
+    if not all(np.isfinite(state[k]).all() for k in floats) or not (state["std"] > 0).all():
+        raise BundleError(path, "the learner holds non-finite numbers (or a std <= 0): it is damaged")
+    ids = [int(v) for v in c]
+    unknown = sorted(set(ids) - {r.id for r in regions})
+    if unknown or len(set(ids)) != len(ids):
+        raise BundleError(path, f"learner classes {unknown or 'repeat'} are not the bundle's regions"
+                          if unknown else "learner classes repeat: it is damaged")
+    dec = state["decode"].ravel()
+    if not (0 <= dec[0] <= 16 and dec[1] > 0):
+        raise BundleError(path, f"decoding settings {dec.tolist()} are out of range (radius 0-16, self weight > 0)")
+    try:
+        return TaughtLearner.from_state(state, str(meta.get("feature_kind", FEATURE_KIND)))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise BundleError(path, f"unreadable learner ({exc})") from None
+
+
+def _text_rows(regions_by_class: Sequence[Region], class_text: np.ndarray, model) -> tuple[np.ndarray, list]:
+    """Text embeddings of the classes with text, and each class's row (None: no prior)."""
+    with_text = [r for r, t in zip(regions_by_class, class_text) if t]
+    text = model.region_embeddings(with_text) if with_text else np.zeros((0, model.embed_dim), np.float32)
+    it = iter(range(len(with_text)))
+    return text, [next(it) if t else None for t in class_text]
+
+
+def class_prior(learner: TaughtLearner, regions: Sequence[Region], model, joint: np.ndarray) -> np.ndarray:
+    """Text-prior logits ``(n, C)`` of the learner's classes for joint embeddings."""
+    by_id = {r.id: r for r in regions}
+    regs = [by_id[int(c)] for c in learner.classes]
+    text, sources = _text_rows(regs, learner.class_text, model)
+    if not any(s is not None for s in sources):
+        return np.zeros((len(joint), len(regs)), np.float32)
+    return prior_logits(joint, text, model.logit_scale, sources)
+
+
+def taught_regions(base_regions: Sequence[Region], table: Sequence[Region], taught_ids: Sequence[int]) -> list[Region]:
+    """The taught bundle's vocabulary: the base regions (named as ``table`` names them, base prompts
+    kept) and the taught new regions from ``table``."""
+    by_id = {r.id: r for r in table}
+    out = []
+    for r in base_regions:
+        t = by_id.get(r.id)
+        out.append(r if t is None else Region(r.id, t.name, t.acronym or r.acronym, t.color, t.description or
+                                              r.description, r.prompts))
+    known = {r.id for r in base_regions}
+    out += [by_id[i] for i in sorted(set(int(i) for i in taught_ids) - known)]
+    return out
+
+
+def fit_learner(teaching_set: TeachingSet, base_model, regions: Sequence[Region] | None = None,
+                seed: int = 0, **hyper) -> TaughtLearner:
+    """Fit the learner on every taught cell around ``base_model``'s text classifier.
+
+    Classes: ``regions`` (default: :func:`taught_regions` of the base model and the teaching set).
+    Known regions (ids of the base vocabulary) and new ones with a description or prompts have a text
+    prior; new regions without text start from none (the row's lowest logit).
+    """
+    if regions is None:
+        regions = taught_regions(base_model.regions, teaching_set.regions, list(teaching_set.counts()))
+    known = {r.id for r in base_model.regions}
+    init = getattr(base_model, "learner", None)
+    if init is not None:  # a taught base: its new regions without text keep having none
+        known -= {int(c) for c, t in zip(init.classes, init.class_text) if not t}
+    class_text = np.array([r.id in known or bool(r.prompts) or bool(r.description.strip()) for r in regions])
+    learner = TaughtLearner(class_text=class_text, feature_kind=teaching_set.feature_kind, **hyper)
+    learner.mean, learner.std = teaching_set.standardisation()
+    text, sources = _text_rows(regions, class_text, base_model)
+    joint = np.asarray(teaching_set.joint, np.float32)
+    prior = prior_logits(joint, text, base_model.logit_scale, sources) if len(joint) else \
+        np.zeros((0, len(regions)), np.float32)
+    weight = np.where(teaching_set.taught(), 1.0, CONTEXT_WEIGHT).astype(np.float32)
+    learner.fit(teaching_set.features, teaching_set.region, prior, [r.id for r in regions], sample_weight=weight,
+                seed=seed)
+    return learner
+
+
+def decode_with_learner(prediction, learner: TaughtLearner, model, *, section=None, painted: np.ndarray | None = None,
+                        current: np.ndarray | None = None,
+                        regions: Sequence[Region] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``(rows, cols)`` uint16 and confidence float32 of ``prediction`` by the learner.
+
+    Probabilities are voted over neighbours (``learner.radius``, ``learner.self_weight``, see
+    :func:`~napari_cytoclip.teach.learner.smooth`). Cells in ``painted`` keep their label in ``current``
+    (default: the prediction's labels) and vote for it; confidence 1 there. ``regions``: where the
+    learner's classes are described (default ``model.regions``; the widget passes regions added since).
+    """
+    cells = np.asarray(prediction.cells)
+    shape = tuple(prediction.grid.shape)
+    labels, conf = np.zeros(shape, np.uint16), np.zeros(shape, np.float32)
+    if len(cells) == 0:
+        return labels, conf
+    feats = np.asarray(prediction.embeddings, np.float32) if learner.feature_kind == JOINT else \
+        prediction_features(prediction, model, section)
+    if feats.shape[1] != len(learner.mean):
+        raise CytoclipError(prediction.source or None, f"the cached features have {feats.shape[1]} values per cell, "
+                                                       f"the learner expects {len(learner.mean)}")
+    prior = class_prior(learner, model.regions if regions is None else regions, model, prediction.embeddings)
+    probs = learner.predict_proba(feats, prior)
+    current = np.asarray(prediction.labels if current is None else current)
+    col = {int(c): i for i, c in enumerate(learner.classes)}
+    fixed = None
+    if painted is not None:
+        painted = np.asarray(painted, bool)
+        fixed = painted[cells[:, 0], cells[:, 1]]
+        for i in np.flatnonzero(fixed):
+            j = col.get(int(current[cells[i, 0], cells[i, 1]]))
+            if j is not None:
+                probs[i] = 0.0
+                probs[i, j] = 1.0
+    probs = smooth(cells, probs, shape, learner.radius, learner.self_weight)
+    labels[cells[:, 0], cells[:, 1]] = np.asarray(learner.classes, np.uint16)[probs.argmax(1)]
+    conf[cells[:, 0], cells[:, 1]] = probs.max(1)
+    if painted is not None:
+        labels[painted] = current[painted]
+        conf[painted] = 1.0
+    return labels, conf
+
+
+def apply_learner(prediction, model, section=None):
+    """Relabel ``prediction`` in place with ``model.learner`` (no-op for a model without one)."""
+    learner = getattr(model, "learner", None)
+    if learner is not None:
+        prediction.labels, prediction.confidence = decode_with_learner(prediction, learner, model, section=section)
+    return prediction

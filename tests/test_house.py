@@ -1,0 +1,301 @@
+"""The house (issue 12): import layers without cycles, one encode loop with cached features, a complete
+cache signature, and a plugin that leaves its host process as it found it."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import tiny_bundle
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "napari_cytoclip"
+CORE = ("io", "inference", "models", "teach", "outputs")
+GUI_ROOTS = {"qtpy", "napari", "PySide6", "PyQt5", "PyQt6", "PySide2", "vispy", "magicgui"}
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+# ------------------------------------------------------------------------------ import graph
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = f
+    return out
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Every module named by an import statement (top-level or inside functions), with its line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(f"{node.module}.{a.name}", node.lineno) for a in node.names] + [(node.module, node.lineno)]
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for m, path in mods.items():
+        for name, _ in _imports(path):
+            if name in mods and name not in (m, "napari_cytoclip"):
+                graph[m].add(name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+CYCLE_EDGES = ("models.bundle -> teach.teaching (load_learner), inference.predict -> teach.teaching (apply_learner), "
+               "models.model -> models.import_checkpoint, models.import_checkpoint -> outputs.prediction_folder")
+
+
+@pytest.mark.xfail(strict=True, reason="open: the teaching/import-checkpoint work closes cycles through " + CYCLE_EDGES)
+def test_the_package_has_no_import_cycles():
+    graph = import_graph()
+    found = cycles(graph)
+    edges = [f"{a} -> {b}" for comp in found for a in comp for b in sorted(graph[a]) if b in comp]
+    assert not found, "import cycles:\n" + "\n".join(edges)
+
+
+NAPARI_IN_IO = pytest.mark.xfail(strict=True, reason="open: io/reader.py region_colormap and io/sample_data.py "
+                                 "atlas_colormap import napari's DirectLabelColormap (move them to widgets/ or pass "
+                                 "plain colour dicts)")
+
+
+@pytest.mark.parametrize("folder", ["inference", "models", "teach", "outputs",
+                                    pytest.param("io", marks=NAPARI_IN_IO),
+                                    pytest.param("io/reader.py", marks=NAPARI_IN_IO)])
+def test_core_never_imports_the_gui(folder):
+    files = [PACKAGE / folder] if folder.endswith(".py") else sorted((PACKAGE / folder).rglob("*.py"))
+    bad = [f"{f.relative_to(PACKAGE)}:{line} imports {name}" for f in files for name, line in _imports(f)
+           if name.split(".")[0] in GUI_ROOTS or name.startswith("napari_cytoclip.widgets")]
+    assert not bad, "\n".join(bad)
+
+
+def test_core_imports_without_qt_or_napari():
+    mods = sorted(m for m in _modules() if m.split(".")[1:2] and m.split(".")[1] in CORE
+                  or m in ("napari_cytoclip.cli", "napari_cytoclip.errors"))
+    code = ("import sys, importlib\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(GUI_ROOTS)!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+# ------------------------------------------------------------------------------ features and signature
+@pytest.fixture(scope="module")
+def shipped():
+    from napari_cytoclip.models.bundle import default_bundle_path
+    from napari_cytoclip.models.model import load_model
+
+    if not (default_bundle_path() / "weights.safetensors").is_file():
+        pytest.skip("the shipped model is not installed")
+    return load_model(None, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def small_section():
+    from napari_cytoclip.io.sample_data import SAMPLE_DIR, plate_41_info
+    from napari_cytoclip.io.sections import open_section, section_from_array
+
+    info = plate_41_info()
+    full = open_section(SAMPLE_DIR / info["image"], pixel_size_um=float(info["pixel_size_um"]))
+    h, w = full.shape
+    crop = np.asarray(full.levels[0])[h // 4:h // 4 + 300, w // 4:w // 4 + 300]
+    return section_from_array(crop, float(info["pixel_size_um"]), name="crop")
+
+
+def test_features_come_from_the_same_forward_pass(shipped, small_section):
+    from napari_cytoclip.inference.predict import predict_iter
+    from napari_cytoclip.inference.windows import WindowReader
+    from napari_cytoclip.teach.features import tower_features
+
+    gen = predict_iter(small_section, shipped, batch_size=16)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        pred = stop.value
+    assert pred.feature_kind == "pooled" and pred.features.dtype == np.float16
+    assert pred.features.shape == (len(pred.cells), 1280)
+    assert pred.signature["precision"] == "fp32" and pred.signature["features"] == "pooled"
+    reader = WindowReader(small_section, shipped.input, pred.polarity)
+    joint, pooled = tower_features(shipped, reader.read(pred.grid.centers(pred.cells[:5])))
+    np.testing.assert_allclose(pred.features[:5].astype(np.float32), pooled, rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(pred.embeddings[:5].astype(np.float32), joint, atol=2e-3)
+
+
+@pytest.mark.parametrize("large_cells", [10 ** 9, 0], ids=["npy", "zarr"])
+def test_features_round_trip_through_the_cache_lazily(shipped, small_section, tmp_path, large_cells):
+    from napari_cytoclip.inference.cache import expected_signature, load_prediction, save_prediction
+    from napari_cytoclip.inference.predict import predict_section
+
+    pred = predict_section(small_section, shipped, batch_size=32)
+    save_prediction(pred, tmp_path / "cache", large_cells=large_cells)
+    back = load_prediction(tmp_path / "cache", expected_signature(small_section, shipped.identity, pred.grid))
+    assert not isinstance(back.features, np.ndarray) or isinstance(back.features, np.memmap)  # lazy
+    np.testing.assert_array_equal(np.asarray(back.features[:]), pred.features)
+    assert back.feature_kind == "pooled"
+
+
+@pytest.mark.parametrize("other", [{"precision": "bf16"}, {"features": "pooled"}, {"weights_hash": "0" * 64}],
+                         ids=["precision", "feature_kind", "weights"])
+def test_a_cache_of_another_precision_or_feature_kind_is_refused(tmp_path, other):
+    from dataclasses import replace
+
+    from napari_cytoclip.errors import CacheMismatch
+    from napari_cytoclip.inference.cache import expected_signature, load_prediction, save_prediction
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import section_from_array
+    from napari_cytoclip.models.model import load_model
+
+    model = load_model(tiny_bundle(tmp_path / "tiny"), device="cpu", precision="fp32")
+    rng = np.random.default_rng(0)
+    section = section_from_array((rng.random((200, 200)) * 120).astype(np.uint8), 10.0, name="noise")
+    pred = predict_section(section, model)
+    save_prediction(pred, tmp_path / "cache")
+    good = model.identity
+    load_prediction(tmp_path / "cache", expected_signature(section, good, pred.grid))
+    load_prediction(tmp_path / "cache", expected_signature(section, model.bundle, pred.grid))  # any precision
+    with pytest.raises(CacheMismatch):
+        load_prediction(tmp_path / "cache", expected_signature(section, replace(good, **other), pred.grid))
+
+
+# ------------------------------------------------------------------------------ a good citizen
+def _process_state() -> dict:
+    import torch
+    from PIL import Image
+
+    fresh: list = []
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return {"environ": dict(os.environ), "pil": Image.MAX_IMAGE_PIXELS, "torch_threads": torch.get_num_threads(),
+            "fresh_thread_torch_threads": fresh[0],
+            "priority": os.getpriority(os.PRIO_PROCESS, threading.get_native_id())}
+
+
+def test_prediction_and_query_leave_the_process_as_they_found_it(tmp_path):
+    from PIL import Image
+
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.io.sections import open_section
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.widgets.predict_steps import prediction_steps  # the widget's run, without Qt
+    from napari_cytoclip.widgets.state import PredictionState
+
+    rng = np.random.default_rng(1)
+    Image.fromarray((rng.random((300, 300)) * 150).astype(np.uint8)).save(tmp_path / "section.png")
+    model = load_model(tiny_bundle(tmp_path / "tiny"), device="cpu", precision="fp32")
+    before = _process_state()
+    section = open_section(tmp_path / "section.png", pixel_size_um=10.0)  # a PIL read
+    pred = predict_section(section, model)
+    sim = pred.similarity(model.encode_texts(["a brand new query text"])[0])
+    pred.decode(model.region_embeddings())
+    from napari_cytoclip.inference.grid import TileGrid
+
+    state = PredictionState(image_name="s", section=section, grid=TileGrid.covering(section.shape, 10.0, 100.0),
+                            bundle=model.bundle, model_key=("x", "cpu"), stride_um=100.0, image_scale=(1.0, 1.0),
+                            image_translate=(0.0, 0.0))
+    state.model = model
+    steps = prediction_steps(state, "cpu", 64, tmp_path / "cache")
+    try:
+        while True:
+            next(steps)
+    except StopIteration as stop:
+        assert stop.value is not None
+    assert np.isfinite(sim).any()
+    assert _process_state() == before
+
+
+def test_the_small_work_thread_runs_torch_on_one_thread_without_changing_others():
+    import torch
+
+    from napari_cytoclip.inference.cputhreads import run_small
+
+    main_before = torch.get_num_threads()
+    fresh = []
+    assert run_small(torch.get_num_threads) == 1
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == main_before and fresh == [main_before]
+
+
+def test_only_the_runs_own_thread_is_reniced():
+    from napari_cytoclip.inference.cputhreads import run_in_owned_thread
+
+    def work():
+        yield os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return threading.current_thread().name
+
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    gen = run_in_owned_thread(work(), niceness=me + 3, name="cytoclip-test")
+    assert next(gen) == me + 3
+    with pytest.raises(StopIteration) as stop:
+        next(gen)
+    assert stop.value.value == "cytoclip-test"
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me
+
+
+def test_the_cli_predicts_offline_without_hf_variables(tmp_path):
+    from napari_cytoclip.models.bundle import default_bundle_path
+
+    if not (default_bundle_path() / "weights.safetensors").is_file():
+        pytest.skip("the shipped model is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS}
+    unreachable = "http://127.0.0.1:9"  # nothing listens: any download attempt fails
+    env.update(HTTP_PROXY=unreachable, HTTPS_PROXY=unreachable, http_proxy=unreachable, https_proxy=unreachable,
+               HF_HOME=str(tmp_path / "hf_home"), NO_PROXY="", no_proxy="")
+    code = ("import os, sys\nfrom napari_cytoclip.cli import main\n"
+            "rc = main(sys.argv[1:])\n"
+            f"assert not any(k in os.environ for k in {OFFLINE_VARS!r}), 'the CLI set an HF variable'\n"
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "predict", "--sample", "--stride-um", "400", "--quiet",
+                          "--out", str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "results" / "plate_41" / "labels.tif").is_file() or any((tmp_path / "results").iterdir())

@@ -358,11 +358,25 @@ def test_export_can_be_cancelled_and_rerun(viewer_model, qtbot, tiny_dir, tmp_pa
     assert again is not None and again.pairs_added + again.pairs_existing >= 40
 
 
+def give_replay(export, folder: Path, regions, n: int = 8) -> None:
+    """Write a small replay pair folder (32-px windows of regions 3 and 4) and choose it in the Export widget."""
+    from napari_cytoclip.teach.export import caption_for
+    from napari_cytoclip.teach.pairs import Pair, write_pairs
+
+    rng = np.random.default_rng(0)
+    by_id = {r.id: r for r in regions}
+    write_pairs(folder, [Pair(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), caption_for(by_id[rid]),
+                              {"corrected_label": rid, "region_name": by_id[rid].name})
+                         for rid in (3, 4) for _ in range(n)])
+    export.replay.value = str(folder)
+
+
 def test_finetune_cancel_then_rerun_clean(make_napari_viewer, qtbot, tiny_dir, tmp_path, monkeypatch,
                                           shared_models, notes, slow_training):
     monkeypatch.setattr("napari_cytoclip.widgets.export_widget.MIN_STEPS_PER_EPOCH", 3)
     out = tmp_path / "export"
     viewer, widget, export, state = predicted_and_exported(make_napari_viewer(), tiny_dir, out)
+    give_replay(export, tmp_path / "replay", state.bundle.regions)
     target = out / "models" / "tiny-cytoclip-finetuned-1"
     export.epochs.value = 3
     worker = export.finetune()
@@ -377,11 +391,40 @@ def test_finetune_cancel_then_rerun_clean(make_napari_viewer, qtbot, tiny_dir, t
     assert not [text for level, text in notes if level == "error"], notes
     # a new fine-tune starts clean: same folder name, nothing left over from the cancelled one
     export.epochs.value = 1
-    bundle = export.finetune(blocking=True)
+    monkeypatch.setattr("napari_cytoclip.widgets.export_widget.MIN_STEPS_PER_EPOCH", 40)  # enough to beat
+    monkeypatch.setattr("napari_cytoclip.widgets.export_widget.FINETUNE_LR", 1e-3)  # the start model on the
+    bundle = export.finetune(blocking=True)                                          # held-back corrections
     assert bundle is not None, export.train_status.text()
     assert bundle.path == target and (target / "weights.safetensors").is_file()
     assert [h["epoch"] for h in bundle.provenance["history"]] == [1]
     assert widget.model_folder() == target
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no candidate, no checkpoint
+
+
+def test_finetune_that_is_not_better_is_discarded(make_napari_viewer, qtbot, tiny_dir, tmp_path, monkeypatch,
+                                                  shared_models, notes):
+    """A candidate no better than the start model on held-back corrections is deleted; Predict keeps its model."""
+    monkeypatch.setattr("napari_cytoclip.widgets.export_widget.MIN_STEPS_PER_EPOCH", 2)
+    monkeypatch.setattr("napari_cytoclip.widgets.export_widget.FINETUNE_LR", 1e-12)  # the candidate = the start
+    out = tmp_path / "export"
+    viewer, widget, export, state = predicted_and_exported(make_napari_viewer(), tiny_dir, out)
+    (out / "models").mkdir()
+    (out / "models" / "notes.txt").write_text("the user's")
+    export.epochs.value = 1
+    assert export.finetune(blocking=True) is None  # no replay pairs: refused
+    assert "Save taught model" in export.train_status.text() and export.last_outcome is None
+    give_replay(export, tmp_path / "replay", state.bundle.regions)
+    worker = export.finetune()
+    assert worker is not None
+    wait_worker(qtbot, export, timeout=60000)
+    outcome = export.last_outcome
+    assert outcome is not None and not outcome.shipped and export.last_bundle is None, export.train_status.text()
+    assert outcome.candidate.macro_f1 <= outcome.start.macro_f1
+    text = export.train_status.text()
+    assert "not better" in text and str(outcome.start) in text and str(outcome.candidate) in text
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["notes.txt"]  # only the user's file is left
+    assert widget.model_folder() == tiny_dir and state.finetuned_bundle is None
+    assert export.finetune_button.enabled and not export.cancel_button.enabled
 
 
 def test_closing_the_viewer_while_finetuning(make_napari_viewer, qtbot, tiny_dir, tmp_path, monkeypatch,
@@ -394,6 +437,7 @@ def test_closing_the_viewer_while_finetuning(make_napari_viewer, qtbot, tiny_dir
     monkeypatch.setattr("napari_cytoclip.widgets.export_widget.MIN_STEPS_PER_EPOCH", 3)
     out = tmp_path / "export"
     viewer, widget, export, state = predicted_and_exported(make_napari_viewer(), tiny_dir, out, n_corrected=8)
+    give_replay(export, tmp_path / "replay", state.bundle.regions)
     export.epochs.value = 2
     worker = export.finetune()
     qtbot.waitUntil(lambda: export.progress.value >= 1, timeout=30000)

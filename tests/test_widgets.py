@@ -265,8 +265,22 @@ def test_predict_review_identify_export_query(make_napari_viewer, qtbot, tiny_mo
     screenshot(viewer, qtbot, shots / "query_add_region.png")
 
 
+def replay_pairs(folder: Path, regions, n: int = 8) -> Path:
+    """A small replay pair folder (32-px windows, the tiny model's input) of regions 3 and 4."""
+    from napari_cytoclip.teach.export import caption_for
+    from napari_cytoclip.teach.pairs import Pair, write_pairs
+
+    rng = np.random.default_rng(0)
+    by_id = {r.id: r for r in regions}
+    write_pairs(folder, [Pair(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), caption_for(by_id[rid]),
+                              {"corrected_label": rid, "region_name": by_id[rid].name})
+                         for rid in (3, 4) for _ in range(n)])
+    return folder
+
+
 def test_identify_shape_and_finetune(make_napari_viewer, qtbot, tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("napari_cytoclip.widgets.export_widget.MIN_STEPS_PER_EPOCH", 2)  # a token fine-tune
+    monkeypatch.setattr("napari_cytoclip.widgets.export_widget.MIN_STEPS_PER_EPOCH", 10)  # a short fine-tune
+    monkeypatch.setattr("napari_cytoclip.widgets.export_widget.FINETUNE_LR", 1e-3)  # that learns the tiny model
     viewer, image, widget, state = predicted_viewer(make_napari_viewer, tiny_model_dir)
     labels, pred = state.labels_layer, state.prediction
 
@@ -288,10 +302,20 @@ def test_identify_shape_and_finetune(make_napari_viewer, qtbot, tiny_model_dir, 
     export.layer.value = labels
     export.folder.value = str(tmp_path / "out")
     assert export.export(blocking=True).pairs_added == 20
-    export.epochs.value = 1
+    export.epochs.value = 5
+    # without replay pairs it refuses, pointing at the fast learner, and writes nothing
+    assert export.finetune(blocking=True) is None
+    assert "Save taught model" in export.result.text() and not (tmp_path / "out" / "models").exists()
+    export.replay.value = str(replay_pairs(tmp_path / "replay" / "plate_1", state.bundle.regions).parent)
     bundle = export.finetune(blocking=True)
     assert bundle is not None, export.train_status.text()
+    outcome = export.last_outcome  # the corrections are where the start model was wrong: it scores ~0 on them
+    assert outcome.shipped and outcome.candidate.macro_f1 > outcome.start.macro_f1 and outcome.n_held >= 2
+    assert str(outcome.start) in export.train_status.text() and str(outcome.candidate) in export.train_status.text()
+    assert bundle.provenance["held_back_check"]["n_held_back"] == outcome.n_held
+    assert bundle.provenance["replay"] == ["plate_1"]
     assert bundle.path.parent == tmp_path / "out" / "models" and (bundle.path / "weights.safetensors").is_file()
+    assert sorted(p.name for p in bundle.path.parent.iterdir()) == [bundle.path.name]
     assert widget.model_folder() == bundle.path
     assert labels.metadata["cytoclip"]["finetuned_bundle"] == str(bundle.path)
     rerun = widget.run_blocking()  # the fine-tuned model predicts into a new layer (the old one has edits)

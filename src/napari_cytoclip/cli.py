@@ -426,7 +426,7 @@ def cmd_teach(args) -> int:
     from napari_cytoclip.models.bundle import save_taught_bundle
     from napari_cytoclip.models.model import load_model
     from napari_cytoclip.outputs.prediction_folder import now_iso
-    from napari_cytoclip.teach.teaching import fit_learner, load_teaching_set, taught_regions
+    from napari_cytoclip.teach.teaching import fit_learner, load_teaching_set, taught_provenance, taught_regions
 
     if os.path.lexists(args.out):
         raise OutputError(args.out, "already exists; choose a new folder for the taught model")
@@ -450,7 +450,7 @@ def cmd_teach(args) -> int:
     t0 = time.perf_counter()
     learner = fit_learner(merged, model, regions)
     fit_s = time.perf_counter() - t0
-    prov = _taught_provenance(base, merged, regions, learner, fit_s, now_iso())
+    prov = taught_provenance(base, merged, regions, learner, fit_s, now_iso())
     bundle = save_taught_bundle(base, regions, learner, merged, args.out, prov)
     print(bundle.path, flush=True)
     if not args.quiet:
@@ -459,35 +459,6 @@ def cmd_teach(args) -> int:
         print(f"taught {int(merged.taught().sum())} cells of {len(merged.sources)} section(s) in {fit_s:.1f} s: " + ", ".join(
             f"{by_id[i].acronym or by_id[i].name} {n}" for i, n in sorted(counts.items()) if i in by_id), flush=True)
     return 0
-
-
-def _taught_provenance(base, merged, regions, learner, fit_s: float, when: str) -> dict:
-    """What was taught (cells per region), from which sections, when; the base bundle under 'parent'."""
-    import hashlib
-
-    from napari_cytoclip.teach.teaching import CONFIRMED, PAINTED
-
-    known = {r.id for r in base.regions}
-    counts = {}
-    for r in regions:
-        sel = (merged.region == r.id) & merged.taught()
-        if sel.any():
-            counts[str(r.id)] = {"name": r.name, "acronym": r.acronym, "cells": int(sel.sum()),
-                                 "painted": int((sel & (merged.kind == PAINTED)).sum()),
-                                 "confirmed": int((sel & (merged.kind == CONFIRMED)).sum()), "new": r.id not in known}
-    parent = {"name": base.name, "hash": base.weights_hash(), "path": str(base.path), "taught": base.taught,
-              "provenance": base.provenance}
-    if base.taught:
-        parent["learner_sha256"] = hashlib.sha256(base.learner_path.read_bytes()).hexdigest()[:16]
-    return {"taught": {"when": when, "cells": int(merged.taught().sum()), "regions": counts,
-                       "unchanged_context_cells": int((~merged.taught()).sum()),
-                       "sections": [{k: s.get(k) for k in ("name", "hash", "time", "painted", "confirmed")}
-                                    for s in merged.sources],
-                       "features": learner.feature_kind, "fit_s": round(fit_s, 3),
-                       "learner": {"l2": learner.l2, "prior_scale": learner.prior_scale, "balance": learner.balance,
-                                   "alpha": learner.alpha, "radius": learner.radius,
-                                   "self_weight": learner.self_weight}},
-            "parent": parent}
 
 
 def _bundle(path: Path | None):

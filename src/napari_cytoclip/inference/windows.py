@@ -2,7 +2,9 @@
 
 Every window is cut from the pyramid level nearest its target resolution, at integer pixel
 offsets that depend only on its centre, then resized with antialiasing: the result for a
-window never depends on which other windows were read with it.
+window never depends on which other windows were read with it. A flat image (JPEG, PNG,
+single-level TIFF) is read through :meth:`Section.pyramid`, 2x2 area-mean levels built once per
+section on the first read, so a 5.12 mm window is not cut and resized from full resolution.
 
 A reader keeps, per scale, the last band of its level that it read (the full level width where that
 fits in :data:`BAND_BYTES`, plus :data:`BAND_ROWS` rows below what a batch needs): grid cells
@@ -14,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from napari_cytoclip.models.bundle import InputSpec
+from napari_cytoclip.io import sections as _sections
 from napari_cytoclip.io.sections import Section
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -24,19 +27,35 @@ BAND_ROWS = 256            # rows read beyond a batch's need, at the level's res
 class WindowReader:
     """Reads uint8 ``(n, size, size, 3)`` model inputs centred on level-0 pixel positions."""
 
-    def __init__(self, section: Section, spec: InputSpec, polarity: str):
-        self.section = section
+    def __init__(self, section: Section, spec: InputSpec, polarity: str, pyramid: bool = True):
+        """``pyramid=False`` reads a flat image at full resolution only (the slow reference path)."""
         self.spec = spec
         self.invert = polarity != spec.polarity
         self.background = 1.0 if spec.polarity == "brightfield" else 0.0
         px = section.require_pixel_size()
+        self._base, self._coarsest = section, max(spec.scales_um) / spec.size
+        self._view = None if pyramid else section
+        factors = (section.pyramid_factors(self._coarsest) if pyramid
+                   else [section.downsample(i) for i in range(len(section.levels))])
+        # a built level (flat image) is used only where the window is still reduced PYRAMID_MIN_RESIZE-fold
+        margin = _sections.PYRAMID_MIN_RESIZE if pyramid and len(section.levels) == 1 else 1.0
         self.plans = []
         for scale_um in spec.scales_um:
-            level = section.level_for(scale_um / spec.size)
-            ds = section.downsample(level)
+            target = scale_um / spec.size
+            level = max([i for i, f in enumerate(factors) if px * f <= target * 1.0001 / (margin if i else 1.0)],
+                        default=0)
+            ds = factors[level]
             crop = max(1, int(round(scale_um / (px * ds))))
             self.plans.append((level, ds, crop))
         self._bands: dict[int, tuple[int, int, np.ndarray]] = {}  # scale -> (y0, x0, model-space pixels)
+
+    @property
+    def section(self) -> Section:
+        """The section windows are cut from: its pyramid view, built on first use (not at construction, so
+        planning a run costs nothing)."""
+        if self._view is None:
+            self._view = self._base.pyramid(self._coarsest)
+        return self._view
 
     def read(self, centers_px: np.ndarray) -> np.ndarray:
         """Windows for level-0 ``(y, x)`` centres, in the model's polarity and channel layout."""

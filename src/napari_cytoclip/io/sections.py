@@ -4,8 +4,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import shutil
+import tempfile
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -21,6 +24,11 @@ PLAUSIBLE_PIXEL_UM = (0.05, 500.0)
 MIN_PIXEL_UM = 0.01  # 10 nm: far below the resolution of any light microscope
 SCREEN_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)  # defaults of image software, not a microscope's pixel size
 MAX_THUMBNAIL_DECODE_BYTES = 4 * 2 ** 30  # most pixel data decoded to build the low-resolution view
+PYRAMID_MEMORY_BYTES = 2 ** 30  # a flat image larger than this (decoded) gets its reading pyramid on disk (zarr)
+PYRAMID_MIN_RESIZE = 2.0  # windows are cut from a built level at least this much finer than the model's pixels,
+#                           so the levels' box filters add little to the resize's antialiasing filter (<= 1/8 variance)
+PYRAMID_BLOCK = 256             # output rows and columns of one zarr chunk of a built level
+PYRAMID_BLOCK_COLS = 16         # chunks per block written at once: source blocks of 512 x 8192 px
 
 
 class PixelSizeWarning(UserWarning):
@@ -40,6 +48,7 @@ class Section:
     pixel_size_um: float | None = None
     source: str | None = None
     _keep_open: list = field(default_factory=list, repr=False)
+    _factors: list | None = field(default=None, repr=False)  # exact level downsamples of a built pyramid
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -70,6 +79,8 @@ class Section:
 
     def downsample(self, level: int) -> float:
         """How many level-0 pixels one pixel of ``level`` spans (mean of both axes)."""
+        if self._factors is not None:
+            return float(self._factors[level])
         h0, w0 = self.shape
         h, w = self.levels[level].shape[:2]
         return float((h0 / h + w0 / w) / 2)
@@ -195,13 +206,107 @@ class Section:
             self._hash = h.hexdigest()[:16]
         return self._hash
 
+    def pyramid_factors(self, coarsest_um: float) -> list[float]:
+        """Level downsamples of :meth:`pyramid`: the file's levels where it has several, else 1, 2, 4, ...
+        up to the coarsest whose pixels are no larger than ``coarsest_um /`` :data:`PYRAMID_MIN_RESIZE`."""
+        if len(self.levels) > 1:
+            return [self.downsample(i) for i in range(len(self.levels))]
+        px, factors = self.require_pixel_size(), [1.0]
+        while px * factors[-1] * 2 <= coarsest_um / PYRAMID_MIN_RESIZE * 1.0001 and min(self.shape) > factors[-1]:
+            factors.append(factors[-1] * 2)
+        return factors
+
+    def pyramid(self, coarsest_um: float) -> "Section":
+        """A view of this section for cutting windows down to ``coarsest_um`` per pixel.
+
+        A section with pyramid levels is its own view. A flat image (JPEG, PNG, single-level TIFF,
+        one array) gets successive 2x2 area-mean levels (:meth:`pyramid_factors`), built once and kept:
+        in memory when the image decodes to at most :data:`PYRAMID_MEMORY_BYTES`, else as zarr arrays in a
+        temporary folder (deleted with the view), built block by block, so the full-resolution image is
+        never held in memory. Level 0 is this section's own array; pixels are normalised as this section's.
+        """
+        factors = self.pyramid_factors(coarsest_um)
+        if len(self.levels) > 1 or len(factors) == 1:
+            return self
+        with _PYRAMID_LOCK:
+            view = self.__dict__.get("_pyramid")
+            if view is None or len(view.levels) < len(factors):
+                view = self._build_pyramid(len(factors) - 1)
+                self._pyramid = view
+        return view
+
+    def _build_pyramid(self, n: int) -> "Section":
+        base = self.levels[0]
+        ch = base.shape[2] if base.ndim == 3 else 1
+        nbytes = float(np.prod([float(s) for s in base.shape[:2]])) * ch * self.dtype.itemsize
+        folder = tempfile.mkdtemp(prefix="cytoclip-pyramid-") if nbytes > PYRAMID_MEMORY_BYTES else None
+        levels = [base]
+        try:
+            for k in range(1, n + 1):
+                levels.append(_halve(levels[-1], self, None if folder is None else Path(folder) / str(k)))
+        except BaseException:
+            if folder:
+                shutil.rmtree(folder, True)
+            raise
+        view = Section(name=self.name, levels=levels, source=self.source, _factors=[2.0 ** k for k in range(n + 1)])
+        view.pixel_size_um = self.pixel_size_um
+        view._range = self.intensity_range
+        view.pyramid_folder = folder
+        if folder:
+            weakref.finalize(view, shutil.rmtree, folder, True)
+        return view
+
     def close(self) -> None:
+        self.__dict__.pop("_pyramid", None)
         for handle in self._keep_open:
             try:
                 handle.close()
             except Exception:  # pragma: no cover - closing is best effort
                 pass
         self._keep_open.clear()
+
+
+_PYRAMID_LOCK = threading.Lock()
+
+
+def _halve(src: Any, section: Section, folder: Path | None) -> Any:
+    """The 2x2 area mean of ``src`` (its last row / column repeated where a side is odd), in its dtype:
+    numpy, or a zarr array in ``folder``; computed in blocks of 2 x :data:`PYRAMID_BLOCK` source rows."""
+    h, w = (int(s) for s in src.shape[:2])
+    shape = ((h + 1) // 2, (w + 1) // 2) + tuple(int(s) for s in src.shape[2:])
+    dtype = np.dtype(src.dtype)
+    if folder is None:
+        out = np.empty(shape, dtype)
+    else:
+        import zarr
+
+        out = zarr.create_array(store=str(folder), shape=shape, dtype=dtype.name, zarr_format=3, fill_value=0,
+                                chunks=(PYRAMID_BLOCK, PYRAMID_BLOCK) + shape[2:])
+    step_y, step_x = PYRAMID_BLOCK, PYRAMID_BLOCK * PYRAMID_BLOCK_COLS
+    for y in range(0, shape[0], step_y):
+        for x in range(0, shape[1], step_x):
+            block = section._pixels(src, np.s_[2 * y:min(h, 2 * (y + step_y)), 2 * x:min(w, 2 * (x + step_x))])
+            out[y:y + step_y, x:x + step_x] = _mean2x2(block)
+    return out
+
+
+def _mean2x2(block: np.ndarray) -> np.ndarray:
+    """2x2 area mean, the last row / column repeated where a side is odd; integers rounded, dtype kept."""
+    if block.shape[0] % 2:
+        block = np.concatenate([block, block[-1:]], 0)
+    if block.shape[1] % 2:
+        block = np.concatenate([block, block[:, -1:]], 1)
+    parts = (block[0::2, 0::2], block[1::2, 0::2], block[0::2, 1::2], block[1::2, 1::2])
+    if block.dtype in (np.uint8, np.uint16):  # exact integer sums, rounded half up
+        wide = np.uint16 if block.dtype == np.uint8 else np.uint32
+        total = parts[0].astype(wide) + parts[1] + parts[2] + parts[3] + 2
+        return (total >> 2).astype(block.dtype)
+    work = np.float64 if block.dtype.itemsize > 4 or block.dtype.kind in "iu" else np.float32
+    mean = (parts[0].astype(work) + parts[1] + parts[2] + parts[3]) * 0.25
+    if block.dtype.kind in "iu":
+        info = np.iinfo(block.dtype)
+        mean = np.clip(np.rint(mean), info.min, info.max)
+    return mean.astype(block.dtype)
 
 
 def check_pixel_size(value: float, source: str | None) -> float:

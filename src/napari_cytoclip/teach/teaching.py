@@ -33,6 +33,10 @@ CONTEXT_WEIGHT = 0.2                # their weight relative to painted/confirmed
                                     # single painted region has no counter-examples and floods the map
 DEFAULT_RADIUS = 1                  # the research helper's best voting (teach_findings / benchmarks/teach.py: r1)
 DEFAULT_SELF_WEIGHT = 1.0
+DEFAULT_HYPER = {"l2": 0.1}         # chosen on the validation plates (benchmarks/teach.py, FINAL_HYPER)
+BASIS_DIMS = 256                    # pooled features are projected on their top principal axes (chosen on val:
+                                    # as accurate as all 1280 dims for new regions, kinder to known ones, and
+                                    # fast enough for a one-second map update)
 STATS_SAMPLE = 2000                 # slow path (no cached features): other cells read for the standardisation
 
 
@@ -203,13 +207,16 @@ def merge_regions(first: Sequence[Region], second: Sequence[Region], source: Any
 def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Region], features: Any, *,
                           confirmed: np.ndarray | None = None, name: str, section_hash: str, model: dict,
                           when: str, feature_rows: np.ndarray | None = None,
-                          feature_kind: str = FEATURE_KIND) -> TeachingSet:
+                          feature_kind: str = FEATURE_KIND, predicted: np.ndarray | None = None) -> TeachingSet:
     """The teaching set of one corrected section.
 
     Painted cells: ``edited`` (grid shape) differs from ``prediction.labels`` and is non-zero; confirmed
     cells: ``confirmed`` and labelled. Only encoded cells (those with features) are taught. ``features``
     are rows of ``prediction.cells`` (all of them, or those in ``feature_rows``, which must include every
-    taught cell; the others only enter the standardisation).
+    taught cell; the others only enter the standardisation). Unchanged cells become weak context
+    examples of their label, except cells of a region the user painted over (``predicted``: the labels
+    before painting, default ``prediction.labels``): painting part of a region says the rest of it may
+    be wrong too, and as context they would teach the old label right back.
     """
     cells = np.asarray(prediction.cells)
     edited = np.asarray(edited)
@@ -223,8 +230,10 @@ def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Regi
     rows = np.arange(len(cells)) if feature_rows is None else np.asarray(feature_rows, np.int64)
     pos = np.full(len(cells), -1, np.int64)
     pos[rows] = np.arange(len(rows))
+    before = np.asarray(prediction.labels if predicted is None else predicted)
+    over = np.unique(before[painted])
     context = np.setdiff1d(rows, taught)
-    context = context[lab[context] > 0]
+    context = context[(lab[context] > 0) & ~np.isin(lab[context], over[over > 0])]
     context = context[np.linspace(0, len(context) - 1, min(len(context), CONTEXT_CELLS)).astype(np.int64)] \
         if len(context) else context
     kind[context] = UNCHANGED
@@ -285,26 +294,49 @@ def stats_rows(n_cells: int, taught: np.ndarray, sample: int = STATS_SAMPLE) -> 
 
 @dataclass
 class TaughtLearner(Learner):
-    """:class:`Learner` plus which classes have a text prior and how cells are voted."""
+    """:class:`Learner` plus which classes have a text prior, how cells are voted and, for wide features,
+    the fixed projection (``basis_mean``, ``basis``: top principal axes) applied before it."""
 
     class_text: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     radius: int = DEFAULT_RADIUS
     self_weight: float = DEFAULT_SELF_WEIGHT
     feature_kind: str = FEATURE_KIND
+    basis_mean: np.ndarray | None = None
+    basis: np.ndarray | None = None
+
+    def project(self, features, rows: int = 32768) -> np.ndarray:
+        """``features`` ``(n, F)`` on the learner's axes ``(n, d)`` float32 (unchanged without a basis)."""
+        if self.basis is None:
+            return np.asarray(features, np.float32)
+        import torch
+
+        basis, mean = torch.from_numpy(self.basis), torch.from_numpy(self.basis_mean)
+        out = np.empty((len(features), basis.shape[1]), np.float32)
+        with torch.inference_mode():
+            for i in range(0, len(features), rows):
+                block = torch.from_numpy(np.asarray(features[i:i + rows], np.float32))
+                out[i:i + len(block)] = ((block - mean) @ basis).numpy()
+        return out
 
     def to_state(self) -> dict[str, np.ndarray]:
         state = super().to_state()
         state["class_text"] = np.asarray(self.class_text, np.uint8)
         state["decode"] = np.array([self.radius, self.self_weight], np.float64)
+        if self.basis is not None:
+            state["basis_mean"] = np.asarray(self.basis_mean, np.float32)
+            state["basis"] = np.ascontiguousarray(self.basis, np.float32)
         return state
 
     @classmethod
     def from_state(cls, state: dict, feature_kind: str = FEATURE_KIND) -> "TaughtLearner":
         base = Learner.from_state(state)
         d = np.asarray(state["decode"], np.float64).ravel()
+        basis = state.get("basis")
         return cls(**{k: getattr(base, k) for k in Learner.__dataclass_fields__},
                    class_text=np.asarray(state["class_text"]).astype(bool), radius=int(d[0]),
-                   self_weight=float(d[1]), feature_kind=feature_kind)
+                   self_weight=float(d[1]), feature_kind=feature_kind,
+                   basis_mean=None if basis is None else np.asarray(state["basis_mean"], np.float32),
+                   basis=None if basis is None else np.asarray(basis, np.float32))
 
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save
@@ -313,6 +345,28 @@ class TaughtLearner(Learner):
 
         atomic_write_bytes(path, save(self.to_state(), metadata={"format": "napari-cytoclip-learner",
                                                                   "feature_kind": self.feature_kind}))
+
+
+def feature_basis(features, dims: int = BASIS_DIMS, rows: int = 8000,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean and top ``dims`` principal axes ``(F, dims)`` of ``features`` (None when they are not wider).
+
+    The eigenvectors of the covariance, in torch (numpy's SVD of the same rows was 10x slower on a
+    loaded 2-core machine); at most ``rows`` rows, drawn with a fixed seed.
+    """
+    import torch
+
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[1] <= dims or len(x) < 2:
+        return None
+    if len(x) > rows:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), rows, replace=False))]
+    t = torch.from_numpy(x.astype(np.float32))
+    mean = t.mean(0)
+    t -= mean
+    _, vectors = torch.linalg.eigh(t.T @ t)           # ascending eigenvalues
+    axes = vectors[:, -dims:].flip(1).contiguous()
+    return mean.numpy(), axes.numpy()
 
 
 def read_learner(path: str | Path, regions: Sequence[Region]) -> TaughtLearner:
@@ -337,7 +391,10 @@ def read_learner(path: str | Path, regions: Sequence[Region]) -> TaughtLearner:
             and state["taught_counts"].shape == (len(c),) and state["decode"].size == 2
             and state["alpha"].size == 1 and state["hyper"].ndim == 1 and state["hyper"].size >= 6):
         raise BundleError(path, "the learner's array shapes do not agree (classes, W, b, mean, std): it is damaged")
-    floats = ("W", "b", "mean", "std", "alpha", "hyper", "decode")
+    if ("basis" in state) != ("basis_mean" in state) or ("basis" in state and not (
+            state["basis"].ndim == 2 and state["basis"].shape[1] == d and state["basis_mean"].shape == (state["basis"].shape[0],))):
+        raise BundleError(path, "the learner's feature projection does not fit its weights: it is damaged")
+    floats = ("W", "b", "mean", "std", "alpha", "hyper", "decode") + (("basis", "basis_mean") if "basis" in state else ())
     if not all(np.isfinite(state[k]).all() for k in floats) or not (state["std"] > 0).all():
         raise BundleError(path, "the learner holds non-finite numbers (or a std <= 0): it is damaged")
     ids = [int(v) for v in c]
@@ -387,7 +444,7 @@ def taught_regions(base_regions: Sequence[Region], table: Sequence[Region], taug
 
 
 def fit_learner(teaching_set: TeachingSet, base_model, regions: Sequence[Region] | None = None,
-                seed: int = 0, **hyper) -> TaughtLearner:
+                seed: int = 0, basis: tuple[np.ndarray, np.ndarray] | None = None, **hyper) -> TaughtLearner:
     """Fit the learner on every taught cell around ``base_model``'s text classifier.
 
     Classes: ``regions`` (default: :func:`taught_regions` of the base model and the teaching set).
@@ -401,39 +458,68 @@ def fit_learner(teaching_set: TeachingSet, base_model, regions: Sequence[Region]
     if init is not None:  # a taught base: its new regions without text keep having none
         known -= {int(c) for c, t in zip(init.classes, init.class_text) if not t}
     class_text = np.array([r.id in known or bool(r.prompts) or bool(r.description.strip()) for r in regions])
-    learner = TaughtLearner(class_text=class_text, feature_kind=teaching_set.feature_kind, **hyper)
-    learner.mean, learner.std = teaching_set.standardisation()
+    learner = TaughtLearner(class_text=class_text, feature_kind=teaching_set.feature_kind,
+                            **{**DEFAULT_HYPER, **hyper})
+    if basis is None:
+        basis = feature_basis(teaching_set.features)
+    if basis is not None:
+        learner.basis_mean, learner.basis = basis
+    x = learner.project(teaching_set.features)
+    learner.set_stats(x)
     text, sources = _text_rows(regions, class_text, base_model)
     joint = np.asarray(teaching_set.joint, np.float32)
     prior = prior_logits(joint, text, base_model.logit_scale, sources) if len(joint) else \
         np.zeros((0, len(regions)), np.float32)
     weight = np.where(teaching_set.taught(), 1.0, CONTEXT_WEIGHT).astype(np.float32)
-    learner.fit(teaching_set.features, teaching_set.region, prior, [r.id for r in regions], sample_weight=weight,
+    learner.fit(x, teaching_set.region, prior, [r.id for r in regions], sample_weight=weight,
                 seed=seed)
     return learner
 
 
 def decode_with_learner(prediction, learner: TaughtLearner, model, *, section=None, painted: np.ndarray | None = None,
-                        current: np.ndarray | None = None,
-                        regions: Sequence[Region] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        current: np.ndarray | None = None, regions: Sequence[Region] | None = None,
+                        cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Labels ``(rows, cols)`` uint16 and confidence float32 of ``prediction`` by the learner.
 
     Probabilities are voted over neighbours (``learner.radius``, ``learner.self_weight``, see
     :func:`~napari_cytoclip.teach.learner.smooth`). Cells in ``painted`` keep their label in ``current``
     (default: the prediction's labels) and vote for it; confidence 1 there. ``regions``: where the
     learner's classes are described (default ``model.regions``; the widget passes regions added since).
+    ``cache``: a dict the caller keeps for one prediction; the projected features (while the learner's
+    basis is the same object) and the text prior (while classes and texts are the same) are kept there,
+    so that repeated updates cost only the linear head and the vote.
     """
     cells = np.asarray(prediction.cells)
     shape = tuple(prediction.grid.shape)
     labels, conf = np.zeros(shape, np.uint16), np.zeros(shape, np.float32)
     if len(cells) == 0:
         return labels, conf
-    feats = np.asarray(prediction.embeddings, np.float32) if learner.feature_kind == JOINT else \
-        prediction_features(prediction, model, section)
+    cache = {} if cache is None else cache
+    kept = cache.get("features")
+    if kept is not None and kept[0] is learner.basis and kept[1] == learner.feature_kind:
+        feats = kept[2]
+    else:
+        raw = np.asarray(prediction.embeddings, np.float32) if learner.feature_kind == JOINT else \
+            prediction_features(prediction, model, section)
+        wide = len(learner.mean) if learner.basis is None else learner.basis.shape[0]
+        if raw.shape[1] != wide:
+            raise CytoclipError(prediction.source or None, f"the cached features have {raw.shape[1]} values per "
+                                                           f"cell, the learner expects {wide}")
+        feats = learner.project(raw)
+        cache["features"] = (learner.basis, learner.feature_kind, feats)
     if feats.shape[1] != len(learner.mean):
         raise CytoclipError(prediction.source or None, f"the cached features have {feats.shape[1]} values per cell, "
                                                        f"the learner expects {len(learner.mean)}")
-    prior = class_prior(learner, model.regions if regions is None else regions, model, prediction.embeddings)
+    described = {r.id: r for r in (model.regions if regions is None else regions)}
+    prior_key = (tuple(int(c) for c in learner.classes), tuple(bool(t) for t in learner.class_text),
+                 tuple((r.name, r.description, r.prompts) if r else None
+                       for r in (described.get(int(c)) for c in learner.classes)))
+    kept = cache.get("prior")
+    if kept is not None and kept[0] == prior_key:
+        prior = kept[1]
+    else:
+        prior = class_prior(learner, list(described.values()), model, prediction.embeddings)
+        cache["prior"] = (prior_key, prior)
     probs = learner.predict_proba(feats, prior)
     current = np.asarray(prediction.labels if current is None else current)
     col = {int(c): i for i, c in enumerate(learner.classes)}
@@ -461,3 +547,31 @@ def apply_learner(prediction, model, section=None):
     if learner is not None:
         prediction.labels, prediction.confidence = decode_with_learner(prediction, learner, model, section=section)
     return prediction
+
+
+def taught_provenance(base, merged, regions, learner, fit_s: float, when: str) -> dict:
+    """What was taught (cells per region), from which sections, when; the base bundle under 'parent'."""
+    import hashlib
+
+    known = {r.id for r in base.regions}
+    counts = {}
+    for r in regions:
+        sel = (merged.region == r.id) & merged.taught()
+        if sel.any():
+            counts[str(r.id)] = {"name": r.name, "acronym": r.acronym, "cells": int(sel.sum()),
+                                 "painted": int((sel & (merged.kind == PAINTED)).sum()),
+                                 "confirmed": int((sel & (merged.kind == CONFIRMED)).sum()), "new": r.id not in known}
+    parent = {"name": base.name, "hash": base.weights_hash(), "path": str(base.path), "taught": base.taught,
+              "provenance": base.provenance}
+    if base.taught:
+        parent["learner_sha256"] = hashlib.sha256(base.learner_path.read_bytes()).hexdigest()[:16]
+    return {"taught": {"when": when, "cells": int(merged.taught().sum()), "regions": counts,
+                       "unchanged_context_cells": int((~merged.taught()).sum()),
+                       "sections": [{k: s.get(k) for k in ("name", "hash", "time", "painted", "confirmed")}
+                                    for s in merged.sources],
+                       "features": learner.feature_kind, "fit_s": round(fit_s, 3),
+                       "feature_axes": None if learner.basis is None else int(learner.basis.shape[1]),
+                       "learner": {"l2": learner.l2, "prior_scale": learner.prior_scale, "balance": learner.balance,
+                                   "alpha": learner.alpha, "radius": learner.radius,
+                                   "self_weight": learner.self_weight}},
+            "parent": parent}

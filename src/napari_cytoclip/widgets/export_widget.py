@@ -1,13 +1,10 @@
 """The Export annotations widget: corrections to training pairs and annotations; optional fine-tuning."""
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import queue
 import threading
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, ProgressBar, PushButton, SpinBox
@@ -15,65 +12,13 @@ from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 
 from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, drive, group, guarded, message_of, prediction_layer_choices,
                      status_label, widget_alive)
+from napari_cytoclip.teach.safe_finetune import (CHECKPOINT_FILES, candidate_folder, remove_checkpoint,  # noqa: F401
+                                                  training_steps)
 from napari_cytoclip.widgets.state import PredictionState, state_of
 
 FINETUNE_BATCH = 32
 FINETUNE_LR = 1e-4
 MIN_STEPS_PER_EPOCH = 10
-
-
-def training_steps(pairs: Path, out: Path, init: Any, config: Any, stop: threading.Event) -> Generator:
-    """Run ``train.train`` in a helper thread; yield its progress dicts; return the new bundle.
-
-    Setting ``stop`` makes the next progress call raise ``Cancelled`` inside training, and the
-    checkpoint folder is removed if this run created it (only training's own files in it).
-    """
-    from napari_cytoclip.errors import Cancelled
-    from napari_cytoclip.teach.train import train
-
-    updates: queue.Queue = queue.Queue()
-    result: dict = {}
-
-    def progress(info: dict) -> None:
-        if stop.is_set():
-            raise Cancelled()
-        updates.put(info)
-
-    def work() -> None:
-        try:
-            result["bundle"] = train([pairs], out, init=init, config=config, progress=progress)
-        except BaseException as exc:  # handed to the worker thread below
-            result["error"] = exc
-        finally:
-            updates.put(None)
-
-    ckpt = out.with_name(out.name + ".ckpt")
-    ours = not os.path.lexists(ckpt)  # only a checkpoint folder this run creates may be removed
-    thread = threading.Thread(target=work, daemon=True, name="cytoclip-finetune")
-    thread.start()
-    while (item := updates.get()) is not None:
-        yield item
-    thread.join()
-    if "error" in result:
-        if isinstance(result["error"], Cancelled) and ours:
-            remove_checkpoint(ckpt)
-        raise result["error"]
-    return result["bundle"]
-
-
-CHECKPOINT_FILES = ("last.pt", "best.pt", "text_features.pt", "last.pt.tmp", "best.pt.tmp", "cytoclip-train.json")
-
-
-def remove_checkpoint(ckpt: Path) -> None:
-    """Delete the files training writes into ``ckpt``, then the folder if nothing else is left in it."""
-    if ckpt.is_symlink() or not ckpt.is_dir():
-        return
-    for name in CHECKPOINT_FILES:
-        path = ckpt / name
-        if path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        ckpt.rmdir()  # fails, keeping it, when anything else is in it
 
 
 def next_model_folder(out_dir: Path, name: str) -> Path:
@@ -83,7 +28,9 @@ def next_model_folder(out_dir: Path, name: str) -> Path:
     k = 1
     while True:
         folder = out_dir / "models" / f"{safe_name(name)}-finetuned-{k}"
-        if not folder.exists() and not folder.with_name(folder.name + ".ckpt").exists():
+        taken = (folder, folder.with_name(folder.name + ".ckpt"), candidate_folder(folder),
+                 candidate_folder(folder).with_name(candidate_folder(folder).name + ".ckpt"))
+        if not any(os.path.lexists(p) for p in taken):
             return folder
         k += 1
 
@@ -104,6 +51,7 @@ class ExportWidget(QWidget):
         self._job: str | None = None  # "export" or "finetune" while one runs
         self.last_result = None
         self.last_bundle = None
+        self.last_outcome = None  # the last fine-tune's FinetuneOutcome (scores, kept or discarded)
 
         self.layer = ComboBox(label="Regions layer", choices=prediction_layer_choices(napari_viewer),
                               tooltip="A Labels layer made by 'Predict regions'")
@@ -115,12 +63,19 @@ class ExportWidget(QWidget):
         self.export_button = PushButton(text="Export corrections")
         self.result = status_label("")
         self.epochs = SpinBox(label="Epochs", min=1, max=500, value=5)
-        self.train_form = Container(widgets=[self.epochs], labels=True)
+        self.replay = FileEdit(label="Replay pairs", mode="d", nullable=True, value=None,
+                               tooltip="Pairs of what the model learnt from (a pair folder, or a folder of them, "
+                                       "e.g. an earlier export or replay/): mixed into every batch so that "
+                                       "fine-tuning does not forget")
+        self.replay.line_edit.native.setPlaceholderText("required: pairs the model learnt from")
+        self.train_form = Container(widgets=[self.replay, self.epochs], labels=True)
         self.finetune_button = PushButton(text="Fine-tune model")
-        self.finetune_button.tooltip = "Train a copy of the model on the exported pairs; Predict then uses it"
+        self.finetune_button.tooltip = ("Train a copy of the model on 80% of the exported pairs with replay; Predict "
+                                        "uses it only if it beats the current model on the other 20%")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, label="")
-        self.train_status = status_label("Fine-tuning writes a new model bundle under <output folder>/models/.")
+        self.train_status = status_label("Fine-tuning writes a new model bundle under <output folder>/models/ when it "
+                                         "beats the current one on held-back corrections.")
 
         train_buttons = QWidget()
         row = QHBoxLayout(train_buttons)
@@ -153,6 +108,10 @@ class ExportWidget(QWidget):
 
     def output_folder(self) -> Path | None:
         value = str(self.folder.value or "").strip()
+        return None if value in ("", ".") else Path(value)
+
+    def replay_folder(self) -> Path | None:
+        value = str(self.replay.value or "").strip()
         return None if value in ("", ".") else Path(value)
 
     def _on_layer_changed(self, *_: Any) -> None:
@@ -248,10 +207,15 @@ class ExportWidget(QWidget):
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self, *_: Any, blocking: bool = False):
-        """Fine-tune the prediction's model on ``<output>/pairs``; the Predict widget then uses the new model."""
+        """Fine-tune the prediction's model on ``<output>/pairs`` with replay (teach/safe_finetune.py).
+
+        The new model is offered to Predict only when it beats the start model on held-back pairs;
+        ``blocking=True`` returns the new bundle (None when refused, discarded or failed).
+        """
         from napari.qt.threading import create_worker
 
         from napari_cytoclip.teach.export import PAIRS_DIR
+        from napari_cytoclip.teach.safe_finetune import NO_REPLAY, safe_finetune
         from napari_cytoclip.teach.train import TrainConfig
 
         ready = self._ready()
@@ -263,23 +227,28 @@ class ExportWidget(QWidget):
         if n_pairs == 0:
             self._error("Export some corrections first: there are no training pairs in " f"{pairs}.")
             return None
+        replay = self.replay_folder()
+        if replay is None:
+            self._error(f"Choose 'Replay pairs' to fine-tune: {NO_REPLAY}.")
+            self.train_status.setText("⚠ Fine-tuning needs replay pairs; or use 'Save taught model' in "
+                                      "'Predict regions' (the fast learner).")
+            return None
         init = state.bundle if list(state.regions) == list(state.bundle.regions) else \
             state.bundle.with_regions(state.regions)
-        steps = max(MIN_STEPS_PER_EPOCH, math.ceil(n_pairs / FINETUNE_BATCH))
         config = TrainConfig(epochs=int(self.epochs.value), batch_size=FINETUNE_BATCH, lr=FINETUNE_LR,
-                             warmup_steps=1, steps_per_epoch=steps, device=str(state.model_key[1]))
+                             warmup_steps=1, device=str(state.model_key[1]))
         target = next_model_folder(out, state.bundle.name)
         self._stop, self._job = threading.Event(), "finetune"
-        gen = training_steps(pairs, target, init, config, self._stop)
-        self.progress.max, self.progress.value = config.epochs * steps, 0
-        self.train_status.setText(f"Fine-tuning on {n_pairs} pairs → {target}")
+        gen = safe_finetune(pairs, [replay], target, init, config, self._stop, min_steps_per_epoch=MIN_STEPS_PER_EPOCH)
+        self.progress.max, self.progress.value = config.epochs * MIN_STEPS_PER_EPOCH, 0
+        self.train_status.setText(f"Fine-tuning on {n_pairs} pairs (a fifth held back to check it) → {target}")
         if blocking:
             try:
                 while True:
                     self._on_train_progress(next(gen))
             except StopIteration as stop:
                 self._on_trained(state, stop.value)
-                return stop.value
+                return stop.value.bundle
             except Exception as exc:
                 self._on_train_error(exc)
                 return None
@@ -287,7 +256,7 @@ class ExportWidget(QWidget):
                 self._stop, self._job = None, None
         worker = create_worker(drive, gen, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_train_progress)
-        worker.returned.connect(lambda bundle: self._on_trained(state, bundle))
+        worker.returned.connect(lambda outcome: self._on_trained(state, outcome))
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._set_busy(True)
@@ -295,27 +264,46 @@ class ExportWidget(QWidget):
         return worker
 
     def _on_train_progress(self, info: dict) -> None:
+        if not self._alive():
+            return
+        if "phase" in info:
+            if info["phase"] == "scoring":
+                self.train_status.setText(f"Scoring both models on {info['n_held']} held-back corrections…")
+            else:
+                self.train_status.setText("Holding back a fifth of the pairs to check the new model…")
+            return
         if "epoch_done" in info:
             m = info["epoch_done"]
             self.train_status.setText(f"Epoch {m['epoch']}/{int(self.epochs.value)} done, loss {m['loss']:.3f}")
             return
+        self.progress.max = info["epochs"] * info["steps"]
         self.progress.value = min(self.progress.max, info["epoch"] * info["steps"] + info["step"] + 1)
-        self.train_status.setText(f"Epoch {info['epoch'] + 1}/{int(self.epochs.value)}, "
+        self.train_status.setText(f"Epoch {info['epoch'] + 1}/{info['epochs']}, "
                                   f"step {info['step'] + 1}/{info['steps']}, loss {info['loss']:.3f}")
 
-    def _on_trained(self, state: PredictionState, bundle: Any) -> None:
+    def _on_trained(self, state: PredictionState, outcome: Any) -> None:
         from napari.utils.notifications import show_info
 
-        if isinstance(bundle, WorkerFailure):
-            self._on_train_error(bundle.exc)
+        if not self._alive():
             return
-        self.last_bundle = bundle
+        if isinstance(outcome, WorkerFailure):
+            self._on_train_error(outcome.exc)
+            return
+        self.last_outcome = outcome
         self.progress.value = self.progress.max
+        if not outcome.shipped:
+            text = outcome.summary() + " Export more corrections or use 'Save taught model' in 'Predict regions'."
+            self.train_status.setText(text)
+            show_info(text)
+            return
+        bundle = outcome.bundle
+        self.last_bundle = bundle
         state.finetuned_bundle = bundle.path
         state.publish()
         loaded = self._hand_to_predict_widgets(bundle.path)
-        text = f"New model: {bundle.path}." + (" The Predict widget now uses it: press Run to predict with it."
-                                              if loaded else " Choose it as the model in 'Predict regions'.")
+        text = f"{outcome.summary()} New model: {bundle.path}." + (
+            " The Predict widget now uses it: press Run to predict with it." if loaded
+            else " Choose it as the model in 'Predict regions'.")
         self.train_status.setText(text)
         show_info(text)
 

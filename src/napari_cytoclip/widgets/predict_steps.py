@@ -42,6 +42,9 @@ def _steps(state: PredictionState, device: str, batch_size: int, cache: Path | N
         except CacheMismatch:
             prediction = None  # another image, model, grid or precision: predict and replace it
         if prediction is not None:
+            from napari_cytoclip.teach.teaching import apply_learner
+
+            apply_learner(prediction, model, state.section)  # the cache is the base model's; a taught one relabels
             yield ("cached", cache)
             return prediction
     prediction = yield from predict_iter(state.section, model, stride_um=state.stride_um, batch_size=batch_size)

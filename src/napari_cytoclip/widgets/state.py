@@ -68,6 +68,7 @@ class PredictionState:
         self.finetuned_bundle: Path | None = None
         # teaching (widgets/teach_panel.py): the learner of the last *Update map*, and what it replaced
         self.learner = None             # napari_cytoclip.teach.teaching.TaughtLearner, or None
+        self.teach_cache: dict = {}     # projected features and text prior kept between updates (decode_with_learner)
         self.undo_update: dict | None = None
         self.taught_bundle: Path | None = None  # the last taught model saved from this prediction
         self._bundle_counts: dict[int, int] | None = None

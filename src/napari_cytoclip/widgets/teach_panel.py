@@ -64,33 +64,31 @@ def teach_section(state: PredictionState, current: np.ndarray, decode: bool = Tr
                                   "queue), then update")
     # a baseline in which exactly the painted cells differ: examples_from_section compares with prediction.labels
     base = replace(pred, labels=np.where(painted, 0, current).astype(np.uint16))
-    # cells left with a label the user painted over are no "unchanged" context: painting part of a region
-    # says that the rest of it may be wrong too (as context they would teach the old label right back)
-    over = np.unique(state.predicted[painted & (current > 0)])
-    revised = np.isin(current, over[over > 0]) & ~state.taught_mask(current)
     source = pred.source or state.section.source or state.section.name
-    new = examples_from_section(base, np.where(revised, 0, current), state.regions, prediction_features(pred, model, state.section),
+    new = examples_from_section(base, current, state.regions, prediction_features(pred, model, state.section),
                                 confirmed=state.reviewed, name=Path(str(source)).name,
                                 section_hash=state.section.content_hash(),
                                 model={"name": pred.model_name or state.bundle.name,
                                        "hash": pred.signature.get("model") or state.bundle.weights_hash()},
-                                when=now_iso())
+                                when=now_iso(), predicted=state.predicted)
     merged = load_teaching_set(state.bundle.path, BundleError).extend(new, state.bundle.path) \
         if getattr(state.bundle, "taught", False) else new
     regions = taught_regions(model.regions, merged.regions, [r.id for r in merged.regions])
     t0 = time.perf_counter()
-    learner = fit_learner(merged, model, regions)
+    last = state.learner  # reuse its feature axes, so the projected features stay cached between updates
+    basis = (last.basis_mean, last.basis) if last is not None and last.basis is not None else None
+    learner = fit_learner(merged, model, regions, basis=basis)
     fit_s = time.perf_counter() - t0
     labels = conf = None
     if decode:
-        labels, conf = decode_with_learner(pred, learner, model, section=state.section,
+        labels, conf = decode_with_learner(pred, learner, model, section=state.section, cache=state.teach_cache,
                                            painted=painted | state.reviewed, current=current, regions=regions)
     return TeachResult(learner, merged, regions, labels, conf, fit_s, int(merged.taught().sum()))
 
 
 def save_taught_model(state: PredictionState, current: np.ndarray, folder: str | Path):
     """Fit on the current corrections and write a taught bundle to the new ``folder`` (never overwritten)."""
-    from napari_cytoclip.cli import _taught_provenance
+    from napari_cytoclip.teach.teaching import taught_provenance
     from napari_cytoclip.errors import OutputError
     from napari_cytoclip.models.bundle import save_taught_bundle
     from napari_cytoclip.outputs.prediction_folder import now_iso
@@ -99,7 +97,7 @@ def save_taught_model(state: PredictionState, current: np.ndarray, folder: str |
     if os.path.lexists(folder):
         raise OutputError(folder, "already exists; choose a new folder for the taught model")
     res = teach_section(state, current, decode=False)
-    prov = _taught_provenance(state.bundle, res.teaching_set, res.regions, res.learner, res.fit_s, now_iso())
+    prov = taught_provenance(state.bundle, res.teaching_set, res.regions, res.learner, res.fit_s, now_iso())
     return save_taught_bundle(state.bundle, res.regions, res.learner, res.teaching_set, folder, prov)
 
 
@@ -170,6 +168,8 @@ class TeachPanel(QGroupBox):
                 self._layer.events.paint.disconnect(self._on_paint)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        if state is not self._state:
+            self.status.setText("Paint or confirm cells, then Update map: the learner refits in about a second.")
         self._state, self._layer, self._last_taught = state, None, None
         if state is not None and state.labels_layer is not None:
             self._layer = state.labels_layer

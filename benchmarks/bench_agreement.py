@@ -121,7 +121,7 @@ def compare(ref: dict, other: dict, data: dict, model, region_emb) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
     from napari_cytoclip.models.model import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

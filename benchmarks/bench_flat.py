@@ -39,7 +39,7 @@ def spread(v) -> str:
 
 
 def _plate(number: int):
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
 
     return next(p for p in allen.plates() if p.number == number)
 
@@ -98,7 +98,7 @@ def speed(args) -> None:
 
 # ------------------------------------------------------------------------------------ agreement
 def agree(args) -> None:
-    from napari_cytoclip.allen import IGNORED_LABELS
+    from napari_cytoclip.teach.allen import IGNORED_LABELS
     from napari_cytoclip.inference.predict import decode_labels, plan_grid
     from napari_cytoclip.inference.windows import WindowReader
     from napari_cytoclip.models.model import load_model

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         layers = viewer.open_sample(PLUGIN, "allen_plate_41")
         image = next(layer for layer in layers if layer.name.startswith("Allen Nissl plate"))
     else:
-        from napari_cytoclip import allen
+        from napari_cytoclip.teach import allen
 
         plate = next(p for p in allen.plates() if p.number == args.plate)
         image = viewer.add_image(np.asarray(plate.section().levels[0]),

@@ -70,7 +70,7 @@ class Bench:
         self.results_path.write_text(json.dumps(self.results, indent=1))
 
     def plate(self, n: int):
-        from napari_cytoclip import allen
+        from napari_cytoclip.teach import allen
 
         found = [p for p in allen.plates() if p.number == n]
         if not found:

@@ -205,7 +205,7 @@ class Runner:
 
 class Loop:
     def __init__(self, args):
-        from napari_cytoclip import allen
+        from napari_cytoclip.teach import allen
 
         self.args = args
         self.work = Path(args.work)
@@ -260,7 +260,7 @@ class Loop:
         model = self.work / "start" / "model"
         if (model / "cytoclip.json").is_file():
             return model
-        from napari_cytoclip import allen
+        from napari_cytoclip.teach import allen
         from napari_cytoclip.models.architectures import create_initial_bundle
         from napari_cytoclip.models.bundle import load_bundle
 
@@ -292,7 +292,7 @@ class Loop:
         elif a.start == "subset" and not a.start_model:
             folders = [self.work / "start" / "pairs" / f"plate_{n:03d}" for n in self.results["start"]["plates"]]
         else:
-            from napari_cytoclip import allen
+            from napari_cytoclip.teach import allen
             from napari_cytoclip.models.bundle import load_bundle
 
             bundle = load_bundle(start)

@@ -33,7 +33,7 @@ def default_out() -> Path:
 
 
 def _plates():
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
 
     return sorted(allen.plates(), key=lambda p: p.number)
 

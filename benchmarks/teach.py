@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from napari_cytoclip import allen  # noqa: E402
+from napari_cytoclip.teach import allen  # noqa: E402
 
 DIVISIONS = {"Isocortex": 1, "OLF": 2, "HPF": 3, "CTXsp": 4, "STR": 5, "PAL": 6, "TH": 7, "HY": 8, "MB": 9,
              "P": 10, "MY": 11, "CB": 12, "fiber tracts": 13, "VS": 14}
@@ -293,7 +293,7 @@ class Task:
         self.children = [1] * 13 + [len(subs)] * len(subs)
         self.n_codes = NEW_BASE + len(subs)
         self._pca = {}
-        from napari_cytoclip.teach.learner import prior_logits
+        from napari_cytoclip.models.learner import prior_logits
 
         for p in self.plates.values():
             p.prior = prior_logits(p.feats["joint"], self.text, self.logit_scale, self.sources, self.children)
@@ -311,7 +311,7 @@ class Task:
 
     def evaluate(self, predict, radii=(0, 1)) -> dict:
         """``predict(plate) -> probs (n, C)``; scored on the split's plates for each smoothing radius."""
-        from napari_cytoclip.teach.learner import smooth
+        from napari_cytoclip.models.learner import smooth
 
         cms = {r: np.zeros((self.n_codes, self.n_codes), np.int64) for r in radii}
         t = 0.0
@@ -371,7 +371,7 @@ class Task:
         path = self.work / "runs" / runs_tag(self.split) / self.name / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
-        from napari_cytoclip.teach.learner import Learner
+        from napari_cytoclip.models.learner import Learner
 
         chosen, taught = self.teaching_set(kind, k, seed)
         names, _, dims = feats.partition("@pca")

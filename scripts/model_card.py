@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cytoclip import allen
+from napari_cytoclip.teach import allen
 from napari_cytoclip.models.architectures import create_initial_bundle
 from napari_cytoclip.models.bundle import default_bundle_path
 from napari_cytoclip.teach.evaluate import evaluate_allen_split

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from napari_cytoclip import allen
+from napari_cytoclip.teach import allen
 from napari_cytoclip.models.bundle import default_bundle_path, load_bundle
 from napari_cytoclip.teach.train import TrainConfig, train
 

@@ -37,7 +37,7 @@ def tiny_bundle(folder: str | Path, seed: int = 0, name: str = "tiny-cytoclip"):
 
 def allen_plate(n: int):
     """The Allen plate numbered ``n`` (from the real data in /work/shared/data)."""
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
 
     for plate in allen.plates():
         if plate.number == n:

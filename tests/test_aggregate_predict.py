@@ -19,7 +19,7 @@ from helpers import tiny_bundle  # noqa: E402
 
 from napari_cytoclip.inference.aggregate import (footprint_radius, labels_from_index, region_probabilities,  # noqa: E402
                                        similarity_grid, vote)
-from napari_cytoclip.allen import default_data_dir  # noqa: E402
+from napari_cytoclip.teach.allen import default_data_dir  # noqa: E402
 
 PLATES = default_data_dir() / "allen_ara_coronal_nissl_plates"
 needs_data = pytest.mark.skipif(not PLATES.is_dir(), reason=f"the real Allen plates ({PLATES}) are not there")
@@ -187,7 +187,7 @@ def crop_section():
         pytest.skip(f"the real Allen plates ({PLATES}) are not there")
     from PIL import Image
 
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
     from napari_cytoclip.io.sections import section_from_array
 
     plate = next(p for p in allen.plates() if p.number == 41)

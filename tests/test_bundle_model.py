@@ -19,7 +19,8 @@ from helpers import TINY_CONFIG, tiny_bundle  # noqa: E402
 from napari_cytoclip.models.bundle import (BUNDLE_JSON, BUNDLE_WEIGHTS, default_bundle_path, load_bundle,  # noqa: E402
                                     load_regions_csv)
 from napari_cytoclip.errors import BundleError  # noqa: E402
-from napari_cytoclip.models.model import (load_checkpoint_model, load_model, pick_device,  # noqa: E402
+from napari_cytoclip.models.import_checkpoint import load_checkpoint_model  # noqa: E402
+from napari_cytoclip.models.model import (load_model, pick_device,  # noqa: E402
                                    read_state_dict)
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from napari_cytoclip.allen import default_data_dir
+from napari_cytoclip.teach.allen import default_data_dir
 from napari_cytoclip.models.bundle import InputSpec
 from napari_cytoclip.inference.grid import TileGrid
 from napari_cytoclip.io.sections import PixelSizeWarning, section_from_array
@@ -104,7 +104,7 @@ def test_grid_refuses_impossible_sizes(px, stride):
 def plate_section(n: int):
     from PIL import Image
 
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
 
     plate = next(p for p in allen.plates() if p.number == n)
     with Image.open(plate.image) as im:

@@ -88,7 +88,7 @@ def test_tiny_loop_end_to_end(crop, capsys):
     assert log[-1]["corrected_cells"] == len(rows) and log[-1]["confirmed_cells"] == 0
 
     # 3. fine-tune the start model on the exported pairs, with replay of (a sample of) its training data
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
 
     start = load_bundle(tiny)
     replay = allen.build_pair_folders(root / "replay", "train", start.input, start.regions, start.label_um, 800.0,
@@ -129,7 +129,7 @@ def test_corrected_labels_leave_root_only_unlabelled():
 
 
 def test_plate_choice_never_uses_test_or_validation():
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
 
     plates = allen.plates()
     start = loop.weak_subset(plates, 8)
@@ -174,7 +174,7 @@ def test_schedule_for_gives_the_step_budget():
 
 
 def test_validation_plates_are_disjoint_from_test_and_training_choices():
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
 
     plates = allen.plates()
     val = loop.pick_eval_plates(plates, "val", None)

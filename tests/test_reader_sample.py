@@ -69,7 +69,7 @@ def test_widgets_listed_in_napari_menus():
 
 # ----------------------------------------------------------------------------------- sample
 def test_sample_plate_41_is_whole_training_plate():
-    from napari_cytoclip.allen import split_of
+    from napari_cytoclip.teach.allen import split_of
     from napari_cytoclip.io.sample_data import SAMPLE_DIR, allen_plate_41, plate_41_info
 
     info = plate_41_info()

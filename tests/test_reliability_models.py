@@ -431,7 +431,7 @@ def _bundle_weights(tmp, marker, tiny_dir):
 
 
 def _checkpoint_model(tmp, marker):
-    from napari_cytoclip.models.model import load_checkpoint_model
+    from napari_cytoclip.models.import_checkpoint import load_checkpoint_model
 
     csv_path = tmp / "regions.csv"
     csv_path.write_text("id,name\n1,cortex\n2,striatum\n")

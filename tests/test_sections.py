@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from napari_cytoclip.allen import default_data_dir
+from napari_cytoclip.teach.allen import default_data_dir
 from napari_cytoclip.errors import SectionError
 from napari_cytoclip.io.sections import PixelSizeWarning, Section, open_section, section_from_array
 from napari_cytoclip.io.tissue import detect_polarity

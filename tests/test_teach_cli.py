@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from helpers import allen_plate
-from napari_cytoclip import allen
+from napari_cytoclip.teach import allen
 from napari_cytoclip.cli import main
 
 PLATES = allen.default_data_dir() / "allen_ara_coronal_nissl_plates"

@@ -1,4 +1,4 @@
-"""The live-teaching learner (teach/learner.py) and the fine CCF label transfer (allen.py)."""
+"""The live-teaching learner (models/learner.py) and the fine CCF label transfer (allen.py)."""
 from __future__ import annotations
 
 import gzip
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from napari_cytoclip import allen
-from napari_cytoclip.teach.learner import Learner, prior_logits, smooth
+from napari_cytoclip.teach import allen
+from napari_cytoclip.models.learner import Learner, prior_logits, smooth
 
 PLATES = allen.default_data_dir() / "allen_ara_coronal_nissl_plates"
 needs_data = pytest.mark.skipif(not PLATES.is_dir(), reason=f"the real Allen plates ({PLATES}) are not there")

@@ -318,7 +318,7 @@ PLATES = Path(__file__).resolve().parents[2] / "shared" / "data" / "allen_ara_co
 def test_reproduction_reads_jpeg_reencodes_of_training_plates_only(tmp_path):
     from PIL import Image
 
-    from napari_cytoclip import allen
+    from napari_cytoclip.teach import allen
 
     data = _script().reencoded_plates(str(PLATES.parent), tmp_path / "q90", 90)
     plates = {p.number: p for p in allen.plates(data)}

@@ -364,7 +364,8 @@ def cmd_export(args) -> int:
         features, rows = _export_features(args, prediction, section, edited, confirmed)
         result = export_corrections(section, prediction, edited, args.out, bundle, confirmed=confirmed,
                                     regions=regions, full_resolution=args.full_resolution, features=features,
-                                    feature_rows=rows, geometry=_export_geometry(args, bundle))
+                                    feature_rows=rows, geometry=_export_geometry(args, bundle),
+                                    labels_source=args.labels)
     finally:
         section.close()
     print(f"{result.folder}: {result.pairs_added} pairs added, {result.pairs_existing} already there "
@@ -425,7 +426,7 @@ def cmd_teach(args) -> int:
     from napari_cytoclip.errors import BundleError, CacheMismatch
     from napari_cytoclip.models.bundle import save_taught_bundle
     from napari_cytoclip.models.model import load_model
-    from napari_cytoclip.outputs.prediction_folder import now_iso
+    from napari_cytoclip.io.safe_files import now_iso
     from napari_cytoclip.teach.teaching import fit_learner, load_teaching_set, taught_provenance, taught_regions
 
     if os.path.lexists(args.out):

@@ -43,14 +43,16 @@ DEFAULT_CHUNK_CELLS = 4096
 DEFAULT_SPLIT_CELLS = 2 * DEFAULT_CHUNK_CELLS  # grid cells above which a TIFF section is split
 WORKER_MODELS_ATTR = "_cytoclip_models"
 WORKER_LOCK_ATTR = "_cytoclip_models_lock"
+SCHEDULER_TIMEOUT_S = 20.0  # seconds a scheduler address has to answer (connect and handshake)
 TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2", ".ndpi", ".scn"}
 
 
 # --------------------------------------------------------------------------------- clusters
 @contextlib.contextmanager
-def connect(scheduler: Any) -> Iterator[Any]:
+def connect(scheduler: Any, timeout: float | None = None) -> Iterator[Any]:
     """A :class:`distributed.Client` for ``local:N``, ``local`` (one worker per core), a scheduler
-    address, or an existing Client (used as is and left open)."""
+    address, or an existing Client (used as is and left open). An address that does not answer as a
+    dask scheduler within ``timeout`` s (default :data:`SCHEDULER_TIMEOUT_S`) is a :class:`CytoclipError`."""
     from distributed import Client
 
     if isinstance(scheduler, Client):
@@ -84,15 +86,64 @@ def connect(scheduler: Any) -> Iterator[Any]:
         finally:
             cluster.close()
         return
+    timeout = SCHEDULER_TIMEOUT_S if timeout is None else float(timeout)
+    check_scheduler(text, timeout)
     try:
-        client = Client(text, timeout="20s")
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise CytoclipError(None, f"cannot reach the dask scheduler at {text} ({type(exc).__name__}: {exc})") \
-            from None
+        client = Client(text, timeout=f"{timeout}s")
+    except (Exception, MemoryError) as exc:  # noqa: BLE001 - distributed raises many kinds for a wrong peer
+        raise _not_a_scheduler(text, timeout, exc) from None
     try:
         yield client
     finally:
         client.close()
+
+
+def check_scheduler(address: str, timeout: float | None = None) -> None:
+    """Raise :class:`CytoclipError` unless a dask scheduler answers at ``address`` within ``timeout`` s.
+
+    ``distributed.Client`` alone waits for ever on a peer that accepts and stays silent (its
+    handshake read has no timeout), and reads another protocol's greeting as a frame length
+    (a MemoryError or a traceback); this probe bounds the whole exchange.
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect as comm_connect
+
+    timeout = SCHEDULER_TIMEOUT_S if timeout is None else float(timeout)
+
+    async def identity() -> Any:
+        comm = await comm_connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    def probe() -> Any:  # a loop of its own, in a thread: the caller may be running one already
+        return asyncio.run(asyncio.wait_for(identity(), timeout))
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(probe).result()
+    except (Exception, MemoryError) as exc:  # noqa: BLE001 - any failure means "not a scheduler here"
+        raise _not_a_scheduler(address, timeout, exc) from None
+    if not (isinstance(reply, dict) and reply.get("type") == "Scheduler"):
+        kind = reply.get("type") if isinstance(reply, dict) else type(reply).__name__
+        raise CytoclipError(None, f"{address} did not answer as a dask scheduler (it answered as {kind!r})")
+
+
+def _not_a_scheduler(address: str, timeout: float, exc: BaseException) -> CytoclipError:
+    import asyncio
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or text.startswith("Timed out"):
+        why = f"no answer within {timeout:g} s"
+    elif isinstance(exc, MemoryError):  # another protocol's greeting read as a dask frame length
+        why = "it speaks another protocol"
+    else:
+        why = f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+    return CytoclipError(None, f"{address} did not answer as a dask scheduler ({why}); check --scheduler")
 
 
 def _this_worker() -> Any:

@@ -224,7 +224,7 @@ def predict_iter(section: Section, model: CytoClip, *, stride_um: float | None =
                             timings={"plan_s": t_plan, "encode_s": t_encode, "total_s": total,
                                      "tiles_per_s": len(cells) / total if total else 0.0})
     if getattr(model, "learner", None) is not None:  # a taught bundle: its learner decodes the labels
-        from napari_cytoclip.teach.teaching import apply_learner
+        from napari_cytoclip.inference.taught_decode import apply_learner
 
         apply_learner(prediction, model, section)
     return prediction

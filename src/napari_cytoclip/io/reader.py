@@ -149,13 +149,12 @@ def _with_overviews(base: Any) -> list:
 # ---------------------------------------------------------------------------------------------
 # colours and hover tables of region layers (also used by the widgets)
 
-def region_colormap(regions: Sequence[Any]):
-    """A direct colormap: every region its own colour, background and unknown ids transparent."""
-    from napari.utils.colormaps import DirectLabelColormap
-
+def region_colormap(regions: Sequence[Any]) -> dict:
+    """A direct colormap as a plain mapping (napari's Labels turns it into a ``DirectLabelColormap``):
+    every region its own colour, background and unknown ids transparent."""
     colors: dict = {None: TRANSPARENT, 0: TRANSPARENT}
     colors.update({int(r.id): np.asarray(r.rgba(), np.float32) for r in regions})
-    return DirectLabelColormap(color_dict=colors)
+    return colors
 
 
 def features_table(regions: Sequence[Any], labels: np.ndarray | None = None,

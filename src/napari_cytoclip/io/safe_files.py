@@ -28,6 +28,13 @@ MARKER_MAX_BYTES = 64 << 20
 _SHOWN = 3  # foreign entries named in an error
 
 
+def now_iso() -> str:
+    """The current time, ISO 8601 in UTC (for provenance and logs)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def safe_name(text: str, max_len: int = 60) -> str:
     """A file-name-safe slug of user text: no separators, no dot-files, never empty."""
     slug = _UNSAFE.sub("_", text).strip("._")[:max_len]

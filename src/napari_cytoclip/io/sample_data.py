@@ -54,16 +54,15 @@ def _division_colors(divisions: list[dict]) -> dict[int, str]:
     return {int(d["id"]): colors.get(int(d["id"]), UNASSIGNED_COLOR) for d in divisions}
 
 
-def atlas_colormap(divisions: list[dict]):
-    from napari.utils.colormaps import DirectLabelColormap
-
+def atlas_colormap(divisions: list[dict]) -> dict:
+    """The divisions' colours as a plain mapping (napari's Labels makes it a ``DirectLabelColormap``)."""
     from napari_cytoclip.models.bundle import Region
 
     transparent = np.zeros(4, np.float32)
     color_dict: dict = {None: transparent, 0: transparent}
     for rid, color in _division_colors(divisions).items():
         color_dict[rid] = np.asarray(Region(rid, "x", color=color).rgba(), np.float32)
-    return DirectLabelColormap(color_dict=color_dict)
+    return color_dict
 
 
 def atlas_features(divisions: list[dict]):

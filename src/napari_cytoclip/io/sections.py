@@ -25,8 +25,9 @@ MIN_PIXEL_UM = 0.01  # 10 nm: far below the resolution of any light microscope
 SCREEN_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)  # defaults of image software, not a microscope's pixel size
 MAX_THUMBNAIL_DECODE_BYTES = 4 * 2 ** 30  # most pixel data decoded to build the low-resolution view
 PYRAMID_MEMORY_BYTES = 2 ** 30  # a flat image larger than this (decoded) gets its reading pyramid on disk (zarr)
-PYRAMID_MIN_RESIZE = 2.0  # windows are cut from a built level at least this much finer than the model's pixels,
-#                           so the levels' box filters add little to the resize's antialiasing filter (<= 1/8 variance)
+PYRAMID_MIN_RESIZE = 4.0  # windows are cut from a built level at least this much finer than the model's pixels,
+#   so the levels' box filters add little (1/32 of its variance) to the resize's antialiasing filter: 2.0 flipped
+#   2.1% of the shipped model's labels on test plate 5, 4.0 flipped 0.5% (benchmarks/README.md, bench_flat.py)
 PYRAMID_BLOCK = 256             # output rows and columns of one zarr chunk of a built level
 PYRAMID_BLOCK_COLS = 16         # chunks per block written at once: source blocks of 512 x 8192 px
 

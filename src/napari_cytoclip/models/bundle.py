@@ -14,7 +14,7 @@
     provenance:   free-form: data, split, commit, metrics (a taught bundle: "taught" and "parent", written by code)
 
 A taught bundle (``napari-cytoclip teach``) also holds ``learner.safetensors`` (the learner of
-:mod:`napari_cytoclip.teach.teaching`) and its teaching set (``teaching.safetensors`` + ``teaching.json``);
+:mod:`napari_cytoclip.models.taught`) and its teaching set (``teaching.safetensors`` + ``teaching.json``);
 its regions are the base regions plus the taught new ones.
 """
 from __future__ import annotations
@@ -145,11 +145,11 @@ class ModelBundle:
         return self.learner_path is not None
 
     def load_learner(self):
-        """The taught bundle's learner (:class:`~napari_cytoclip.teach.teaching.TaughtLearner`), validated
+        """The taught bundle's learner (:class:`~napari_cytoclip.models.taught.TaughtLearner`), validated
         against the regions; None for a plain bundle."""
         if self.learner_path is None:
             return None
-        from napari_cytoclip.teach.teaching import read_learner
+        from napari_cytoclip.models.taught import read_learner
 
         return read_learner(self.learner_path, self.regions)
 

@@ -208,7 +208,7 @@ def import_checkpoint(checkpoint: str | Path, out: str | Path, regions_csv: str 
 
     from napari_cytoclip import __version__ as own_version
     from napari_cytoclip.models.model import build_open_clip
-    from napari_cytoclip.outputs.prediction_folder import now_iso
+    from napari_cytoclip.io.safe_files import now_iso
 
     checkpoint, out = Path(checkpoint), Path(out)
     if os.path.lexists(out):
@@ -298,7 +298,7 @@ class RecentModels:
     def add(self, bundle_path: str | Path) -> list[dict]:
         """Put a bundle folder first (checked: it must load); returns the new list."""
         from napari_cytoclip.io.safe_files import atomic_write_text
-        from napari_cytoclip.outputs.prediction_folder import now_iso
+        from napari_cytoclip.io.safe_files import now_iso
 
         folder = Path(bundle_path).resolve()
         bundle = load_bundle(folder)
@@ -310,3 +310,32 @@ class RecentModels:
         except (OSError, CytoclipError):
             pass  # a read-only config folder only costs the list, never the import or prediction
         return items
+
+
+def load_checkpoint_model(architecture: str, checkpoint: str | Path, regions_csv: str | Path,
+                          input_spec: InputSpec | None = None, device: str = "auto") -> CytoClip:
+    """A plain open_clip checkpoint + architecture name + regions CSV, as a model (nothing written).
+
+    Without ``input_spec`` the tile is an RGB window of the architecture's image size in pixels
+    and micrometres (1 um/px). ``import_checkpoint.import_checkpoint`` makes a reusable bundle instead.
+    """
+    import open_clip
+
+    from napari_cytoclip.models.model import CytoClip, build_open_clip, pick_device
+
+    regions = load_regions_csv(regions_csv)
+    arch, _ = architecture_for(architecture, None, input_spec.size if input_spec else None, source=checkpoint)
+    if input_spec is None:
+        size = open_clip.get_model_config(architecture)["vision_cfg"].get("image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        input_spec = InputSpec(size=int(size), scales_um=(float(size),), mode="rgb",
+                               mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    bundle = ModelBundle(name=Path(checkpoint).stem, architecture=arch, input=input_spec,
+                         regions=regions, label_um=min(input_spec.scales_um), stride_um=min(input_spec.scales_um))
+    bundle.weights_path = Path(checkpoint)
+    dev = pick_device(device)
+    state, _ = read_checkpoint(checkpoint)
+    model, tokenizer = build_open_clip(bundle, load_text_weights=False)
+    check_state_dict(model, state, architecture, checkpoint)
+    model.load_state_dict(state, strict=True)
+    return CytoClip(bundle, model, tokenizer, dev, "fp32")

@@ -1,8 +1,10 @@
 """Region vocabularies: the Allen mouse coarse divisions and the 21 PCW fetal human preset."""
 from __future__ import annotations
 
+import colorsys
 import csv
 from pathlib import Path
+from typing import Sequence
 
 from napari_cytoclip.models.bundle import Region
 
@@ -115,7 +117,29 @@ def fetal_human_regions(kind: str = "tissue") -> list[Region]:
 
 
 def _palette(n: int) -> list[str]:
-    import colorsys
 
     return ["#%02x%02x%02x" % tuple(int(255 * v) for v in colorsys.hsv_to_rgb(i / max(n, 1), 0.55, 0.95))
             for i in range(n)]
+
+
+def auto_color(existing: Sequence[str], seed: int) -> str:
+    """A saturated colour far (in hue) from the ``existing`` ones."""
+    used = []
+    for c in existing:
+        h = c.lstrip("#")
+        r, g, b = (int(h[i:i + 2], 16) / 255 for i in (0, 2, 4))
+        used.append(colorsys.rgb_to_hsv(r, g, b)[0])
+    candidates = [(seed * 0.618034 + k / 64) % 1.0 for k in range(64)]
+    def distance(hue):
+        return min((min(abs(hue - u), 1 - abs(hue - u)) for u in used), default=1.0)
+    hue = max(candidates, key=distance)
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+    return "#%02x%02x%02x" % (int(r * 255), int(g * 255), int(b * 255))
+
+
+def acronym_of(name: str) -> str:
+    """A short acronym for a region name: its initials, or the first letters of one word."""
+    words = [w for w in name.replace("-", " ").split() if w]
+    if len(words) == 1:
+        return words[0][:6]
+    return "".join(w[0].upper() for w in words)[:6]

@@ -8,7 +8,6 @@ full-resolution label TIFF is written tile by tile, so memory stays bounded for 
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import shlex
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from napari_cytoclip import __version__
 from napari_cytoclip.models.bundle import Region, write_regions_csv
 from napari_cytoclip.inference.grid import TileGrid
-from napari_cytoclip.io.safe_files import atomic_path, atomic_write_text, new_output_folder
+from napari_cytoclip.io.safe_files import atomic_path, atomic_write_text, new_output_folder, now_iso
 from napari_cytoclip.inference.predict import Prediction
 from napari_cytoclip.io.sections import Section
 
@@ -33,11 +32,6 @@ CACHE_DIR = "cache"
 FULLRES_TILE = 512
 RESULTS_KIND = "prediction"
 SUMMARY_REGIONS = 5
-
-
-def now_iso() -> str:
-    """The current time, ISO 8601 in UTC."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def grid_metadata(grid: TileGrid, **extra) -> dict:

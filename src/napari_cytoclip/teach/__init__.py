@@ -1,8 +1,5 @@
-"""Live teaching: a fast head on cached per-cell features, around the text classifier (issue 13).
+"""Learning from corrections: pairs and exports, deep fine-tuning, evaluation, and live teaching sets.
 
-``learner``: :class:`~.learner.Learner`, :func:`~.learner.prior_logits`, :func:`~.learner.smooth` (numpy/torch).
-``features``: the image tower's pooled features and an optional high-resolution ImageNet view (needs the model).
+The fast learner itself is a model part (:mod:`napari_cytoclip.models.learner`, :mod:`~napari_cytoclip.models.taught`);
+:mod:`.teaching` collects taught cells and fits it; :mod:`.features` holds the research feature extractors.
 """
-from .learner import Learner, prior_logits, smooth
-
-__all__ = ["Learner", "prior_logits", "smooth"]

@@ -18,7 +18,8 @@ import numpy as np
 from napari_cytoclip.errors import CytoclipError
 from napari_cytoclip.io.safe_files import atomic_write_text, atomic_write_with, check_output_folder, new_output_folder
 from napari_cytoclip.models.model import CytoClip
-from napari_cytoclip.outputs.prediction_folder import now_iso, upsample_rows
+from napari_cytoclip.io.safe_files import now_iso
+from napari_cytoclip.outputs.prediction_folder import upsample_rows
 
 REPORT_JSON = "report.json"
 CONFUSION_PNG = "confusion.png"
@@ -79,7 +80,7 @@ def _check_inputs(images: list[Path], labels: list[Path], pixel_sizes, out: Path
 
 def _evaluate_image(model: CytoClip, image: Path, label_path: Path, pixel_size: float | None, ignore: tuple,
                     n_classes: int, stride_um: float | None, batch_size: int, progress: Progress | None) -> dict:
-    from napari_cytoclip.allen import majority_labels
+    from napari_cytoclip.teach.allen import majority_labels
     from napari_cytoclip.teach.export import read_label_image
     from napari_cytoclip.inference.predict import predict_section
     from napari_cytoclip.io.sections import open_section
@@ -239,7 +240,7 @@ def evaluate_allen_split(model: CytoClip, split: str = "test", data_dir: str | P
 
     ``queries`` defaults to :data:`~napari_cytoclip.models.vocabularies.ALLEN_PARAPHRASES`.
     """
-    from napari_cytoclip.allen import IGNORED_LABELS, plates
+    from napari_cytoclip.teach.allen import IGNORED_LABELS, plates
     from napari_cytoclip.models.vocabularies import ALLEN_PARAPHRASES
 
     chosen = [p for p in plates(data_dir, split) if plate_numbers is None or p.number in plate_numbers]

@@ -25,8 +25,8 @@ from napari_cytoclip.models.bundle import TEACHING_JSON, TEACHING_SAFETENSORS, M
 from napari_cytoclip.inference.cache import jsonable
 from napari_cytoclip.errors import CacheMismatch, Cancelled, CytoclipError, OutputError
 from napari_cytoclip.inference.grid import TileGrid
-from napari_cytoclip.io.safe_files import atomic_write_text, owned, read_marker, read_regular_bytes, recording
-from napari_cytoclip.outputs.prediction_folder import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV, now_iso, write_fullres_labels,
+from napari_cytoclip.io.safe_files import now_iso, atomic_write_text, owned, read_marker, read_regular_bytes, recording
+from napari_cytoclip.outputs.prediction_folder import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV, write_fullres_labels,
                       write_geojson_labels, write_grid_tiff)
 from napari_cytoclip.teach.pairs import PAIRS_CSV, PAIRS_JSONL, Pair, check_folder_geometry, geometry_record, write_pairs
 from napari_cytoclip.models.bundle import InputSpec
@@ -61,7 +61,8 @@ def export_corrections(section: Section, prediction: Prediction, edited_labels: 
                        bundle: ModelBundle, *, confirmed: np.ndarray | None = None,
                        regions: list[Region] | None = None, full_resolution: bool = False,
                        stop: threading.Event | None = None, features: np.ndarray | None = None,
-                       feature_rows: np.ndarray | None = None, geometry: InputSpec | None = None) -> ExportResult:
+                       feature_rows: np.ndarray | None = None, geometry: InputSpec | None = None,
+                       labels_source: str | Path | None = None) -> ExportResult:
     """Turn corrected (and confirmed) grid cells into training pairs and write the edited annotations.
 
     ``edited_labels`` has the grid's shape; corrected cells are those where it differs from the
@@ -73,13 +74,16 @@ def export_corrections(section: Section, prediction: Prediction, edited_labels: 
     them the cells join the folder's teaching set, which must come from the same model.
     ``geometry``: the tiles to cut (:func:`teach.pairs.export_geometry`, e.g. 224 px RGB for another
     model) instead of the model's inputs; a pair folder holds one geometry.
+    ``labels_source``: the file (or layer) the edited labels came from, named by errors about them
+    (default: the section).
     """
     out_dir = Path(out_dir)
     grid = prediction.grid
     source = prediction.source or section.source or section.name
-    edited = _check_edited(edited_labels, grid, source)
+    labels_source = source if labels_source is None else str(labels_source)
+    edited = _check_edited(edited_labels, grid, labels_source)
     regions = list(regions if regions is not None else prediction.regions)
-    by_id = _check_vocabulary(edited, regions, source)
+    by_id = _check_vocabulary(edited, regions, labels_source)
     _check_section(section, prediction, source)
     corrected = (edited != np.asarray(prediction.labels)) & (edited > 0)
     reviewed = _check_confirmed(confirmed, grid, source) & (edited > 0) & ~corrected

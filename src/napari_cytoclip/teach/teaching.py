@@ -5,7 +5,7 @@ region id, source section, grid cell, painted or confirmed), the regions table (
 regions), the sections it came from and per-section feature sums (for standardising). It is stored
 as ``teaching.safetensors`` (numpy arrays) + ``teaching.json``; never pickled.
 
-:func:`fit_learner` fits :class:`TaughtLearner` (the research :class:`~napari_cytoclip.teach.learner.Learner`
+:func:`fit_learner` fits :class:`TaughtLearner` (the research :class:`~napari_cytoclip.models.learner.Learner`
 plus, per class, whether it has a text prior, and the decoding settings) around the base model's
 text classifier; :func:`decode_with_learner` relabels a prediction from its cached features.
 """
@@ -21,22 +21,19 @@ import numpy as np
 from napari_cytoclip.errors import BundleError, CytoclipError
 from napari_cytoclip.models.bundle import (LEARNER_FILE, TEACHING_JSON, TEACHING_SAFETENSORS, Region, read_json,
                                            region_from_dict, validate_regions)
-from napari_cytoclip.teach.learner import Learner, prior_logits, smooth
+from napari_cytoclip.models.learner import prior_logits
+from napari_cytoclip.inference.taught_decode import (_text_rows, apply_learner, class_prior,  # noqa: F401
+                                                     decode_with_learner, prediction_features)
+from napari_cytoclip.models.taught import (BASIS_DIMS, FEATURE_KIND, JOINT, TaughtLearner,  # noqa: F401
+                                           _read_safetensors, feature_basis, read_learner)
 
-FEATURE_KIND = "pooled"             # the image tower's pooled trunk features (teach/features.py)
-JOINT = "joint"                     # models without a trunk/head split (e.g. open_clip ViTs): the joint embedding
 TEACHING_FORMAT = "napari-cytoclip-teaching"
 TEACHING_VERSION = 1
 PAINTED, CONFIRMED, UNCHANGED = 0, 1, 2  # UNCHANGED: a sample of cells left as predicted (weak context)
 CONTEXT_CELLS = 2000                # unchanged cells kept per section as weak examples of their predicted region
 CONTEXT_WEIGHT = 0.2                # their weight relative to painted/confirmed cells: without them a
                                     # single painted region has no counter-examples and floods the map
-DEFAULT_RADIUS = 1                  # the research helper's best voting (teach_findings / benchmarks/teach.py: r1)
-DEFAULT_SELF_WEIGHT = 1.0
 DEFAULT_HYPER = {"l2": 0.1}         # chosen on the validation plates (benchmarks/teach.py, FINAL_HYPER)
-BASIS_DIMS = 256                    # pooled features are projected on their top principal axes (chosen on val:
-                                    # as accurate as all 1280 dims for new regions, kinder to known ones, and
-                                    # fast enough for a one-second map update)
 STATS_SAMPLE = 2000                 # slow path (no cached features): other cells read for the standardisation
 
 
@@ -183,15 +180,6 @@ def load_teaching_set(folder: str | Path, error: type[CytoclipError] = CytoclipE
                        feature_kind=str(meta.get("feature_kind", FEATURE_KIND)))
 
 
-def _read_safetensors(path: Path, error: type[CytoclipError]) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises several kinds for a truncated or foreign file
-        raise error(path, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
-
-
 def merge_regions(first: Sequence[Region], second: Sequence[Region], source: Any = None) -> list[Region]:
     """``first`` then the regions of ``second`` it lacks; one id named two ways is refused."""
     out = {r.id: r for r in first}
@@ -262,27 +250,6 @@ def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Regi
 # ---------------------------------------------------------------------------------------------
 # features of a prediction
 
-def prediction_features(prediction, model=None, section=None, rows: np.ndarray | None = None) -> np.ndarray:
-    """Pooled features of ``prediction.cells[rows]`` (all cells by default): from the cache
-    (``prediction.features``) when there, else read and encoded again (needs ``model`` and ``section``)."""
-    cached = getattr(prediction, "features", None)
-    idx = np.arange(len(prediction.cells)) if rows is None else np.asarray(rows, np.int64)
-    if cached is not None:
-        return np.asarray(cached[:] if rows is None else np.asarray(cached)[idx], np.float16)
-    if model is None or section is None:
-        raise CytoclipError(prediction.source or None, "the prediction has no cached image features; "
-                                                       "predict again with this version")
-    from napari_cytoclip.inference.windows import WindowReader
-    from napari_cytoclip.teach.features import tower_features
-
-    reader = WindowReader(section, model.input, prediction.polarity)
-    out = []
-    for i in range(0, len(idx), 128):
-        windows = reader.read(prediction.grid.centers(np.asarray(prediction.cells)[idx[i:i + 128]]))
-        out.append(tower_features(model, windows)[1].astype(np.float16))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float16)
-
-
 def stats_rows(n_cells: int, taught: np.ndarray, sample: int = STATS_SAMPLE) -> np.ndarray:
     """Taught rows plus an even sample of the others (the slow path's standardisation)."""
     step = max(1, n_cells // max(sample, 1))
@@ -291,143 +258,6 @@ def stats_rows(n_cells: int, taught: np.ndarray, sample: int = STATS_SAMPLE) -> 
 
 # ---------------------------------------------------------------------------------------------
 # the learner
-
-@dataclass
-class TaughtLearner(Learner):
-    """:class:`Learner` plus which classes have a text prior, how cells are voted and, for wide features,
-    the fixed projection (``basis_mean``, ``basis``: top principal axes) applied before it."""
-
-    class_text: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    radius: int = DEFAULT_RADIUS
-    self_weight: float = DEFAULT_SELF_WEIGHT
-    feature_kind: str = FEATURE_KIND
-    basis_mean: np.ndarray | None = None
-    basis: np.ndarray | None = None
-
-    def project(self, features, rows: int = 32768) -> np.ndarray:
-        """``features`` ``(n, F)`` on the learner's axes ``(n, d)`` float32 (unchanged without a basis)."""
-        if self.basis is None:
-            return np.asarray(features, np.float32)
-        import torch
-
-        basis, mean = torch.from_numpy(self.basis), torch.from_numpy(self.basis_mean)
-        out = np.empty((len(features), basis.shape[1]), np.float32)
-        with torch.inference_mode():
-            for i in range(0, len(features), rows):
-                block = torch.from_numpy(np.asarray(features[i:i + rows], np.float32))
-                out[i:i + len(block)] = ((block - mean) @ basis).numpy()
-        return out
-
-    def to_state(self) -> dict[str, np.ndarray]:
-        state = super().to_state()
-        state["class_text"] = np.asarray(self.class_text, np.uint8)
-        state["decode"] = np.array([self.radius, self.self_weight], np.float64)
-        if self.basis is not None:
-            state["basis_mean"] = np.asarray(self.basis_mean, np.float32)
-            state["basis"] = np.ascontiguousarray(self.basis, np.float32)
-        return state
-
-    @classmethod
-    def from_state(cls, state: dict, feature_kind: str = FEATURE_KIND) -> "TaughtLearner":
-        base = Learner.from_state(state)
-        d = np.asarray(state["decode"], np.float64).ravel()
-        basis = state.get("basis")
-        return cls(**{k: getattr(base, k) for k in Learner.__dataclass_fields__},
-                   class_text=np.asarray(state["class_text"]).astype(bool), radius=int(d[0]),
-                   self_weight=float(d[1]), feature_kind=feature_kind,
-                   basis_mean=None if basis is None else np.asarray(state["basis_mean"], np.float32),
-                   basis=None if basis is None else np.asarray(basis, np.float32))
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.numpy import save
-
-        from napari_cytoclip.io.safe_files import atomic_write_bytes
-
-        atomic_write_bytes(path, save(self.to_state(), metadata={"format": "napari-cytoclip-learner",
-                                                                  "feature_kind": self.feature_kind}))
-
-
-def feature_basis(features, dims: int = BASIS_DIMS, rows: int = 8000,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean and top ``dims`` principal axes ``(F, dims)`` of ``features`` (None when they are not wider).
-
-    The eigenvectors of the covariance, in torch (numpy's SVD of the same rows was 10x slower on a
-    loaded 2-core machine); at most ``rows`` rows, drawn with a fixed seed.
-    """
-    import torch
-
-    x = np.asarray(features)
-    if x.ndim != 2 or x.shape[1] <= dims or len(x) < 2:
-        return None
-    if len(x) > rows:
-        x = x[np.sort(np.random.default_rng(seed).choice(len(x), rows, replace=False))]
-    t = torch.from_numpy(x.astype(np.float32))
-    mean = t.mean(0)
-    t -= mean
-    _, vectors = torch.linalg.eigh(t.T @ t)           # ascending eigenvalues
-    axes = vectors[:, -dims:].flip(1).contiguous()
-    return mean.numpy(), axes.numpy()
-
-
-def read_learner(path: str | Path, regions: Sequence[Region]) -> TaughtLearner:
-    """Read and validate ``learner.safetensors`` against a bundle's ``regions`` (BundleError otherwise)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    state = _read_safetensors(path, BundleError)
-    try:
-        with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-    except Exception:  # pragma: no cover - read above already
-        meta = {}
-    need = ("version", "classes", "W", "b", "mean", "std", "alpha", "hyper", "taught_counts", "class_text", "decode")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise BundleError(path, f"not a learner file: missing {missing}")
-    c, w = state["classes"], state["W"]
-    d = state["mean"].shape[0] if state["mean"].ndim == 1 else -1
-    if not (c.ndim == 1 and len(c) > 0 and w.shape == (len(c), d) and state["b"].shape == (len(c),)
-            and state["std"].shape == (d,) and state["class_text"].shape == (len(c),)
-            and state["taught_counts"].shape == (len(c),) and state["decode"].size == 2
-            and state["alpha"].size == 1 and state["hyper"].ndim == 1 and state["hyper"].size >= 6):
-        raise BundleError(path, "the learner's array shapes do not agree (classes, W, b, mean, std): it is damaged")
-    if ("basis" in state) != ("basis_mean" in state) or ("basis" in state and not (
-            state["basis"].ndim == 2 and state["basis"].shape[1] == d and state["basis_mean"].shape == (state["basis"].shape[0],))):
-        raise BundleError(path, "the learner's feature projection does not fit its weights: it is damaged")
-    floats = ("W", "b", "mean", "std", "alpha", "hyper", "decode") + (("basis", "basis_mean") if "basis" in state else ())
-    if not all(np.isfinite(state[k]).all() for k in floats) or not (state["std"] > 0).all():
-        raise BundleError(path, "the learner holds non-finite numbers (or a std <= 0): it is damaged")
-    ids = [int(v) for v in c]
-    unknown = sorted(set(ids) - {r.id for r in regions})
-    if unknown or len(set(ids)) != len(ids):
-        raise BundleError(path, f"learner classes {unknown or 'repeat'} are not the bundle's regions"
-                          if unknown else "learner classes repeat: it is damaged")
-    dec = state["decode"].ravel()
-    if not (0 <= dec[0] <= 16 and dec[1] > 0):
-        raise BundleError(path, f"decoding settings {dec.tolist()} are out of range (radius 0-16, self weight > 0)")
-    try:
-        return TaughtLearner.from_state(state, str(meta.get("feature_kind", FEATURE_KIND)))
-    except (ValueError, TypeError, IndexError) as exc:
-        raise BundleError(path, f"unreadable learner ({exc})") from None
-
-
-def _text_rows(regions_by_class: Sequence[Region], class_text: np.ndarray, model) -> tuple[np.ndarray, list]:
-    """Text embeddings of the classes with text, and each class's row (None: no prior)."""
-    with_text = [r for r, t in zip(regions_by_class, class_text) if t]
-    text = model.region_embeddings(with_text) if with_text else np.zeros((0, model.embed_dim), np.float32)
-    it = iter(range(len(with_text)))
-    return text, [next(it) if t else None for t in class_text]
-
-
-def class_prior(learner: TaughtLearner, regions: Sequence[Region], model, joint: np.ndarray) -> np.ndarray:
-    """Text-prior logits ``(n, C)`` of the learner's classes for joint embeddings."""
-    by_id = {r.id: r for r in regions}
-    regs = [by_id[int(c)] for c in learner.classes]
-    text, sources = _text_rows(regs, learner.class_text, model)
-    if not any(s is not None for s in sources):
-        return np.zeros((len(joint), len(regs)), np.float32)
-    return prior_logits(joint, text, model.logit_scale, sources)
-
 
 def taught_regions(base_regions: Sequence[Region], table: Sequence[Region], taught_ids: Sequence[int]) -> list[Region]:
     """The taught bundle's vocabulary: the base regions (named as ``table`` names them, base prompts
@@ -474,79 +304,6 @@ def fit_learner(teaching_set: TeachingSet, base_model, regions: Sequence[Region]
     learner.fit(x, teaching_set.region, prior, [r.id for r in regions], sample_weight=weight,
                 seed=seed)
     return learner
-
-
-def decode_with_learner(prediction, learner: TaughtLearner, model, *, section=None, painted: np.ndarray | None = None,
-                        current: np.ndarray | None = None, regions: Sequence[Region] | None = None,
-                        cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(rows, cols)`` uint16 and confidence float32 of ``prediction`` by the learner.
-
-    Probabilities are voted over neighbours (``learner.radius``, ``learner.self_weight``, see
-    :func:`~napari_cytoclip.teach.learner.smooth`). Cells in ``painted`` keep their label in ``current``
-    (default: the prediction's labels) and vote for it; confidence 1 there. ``regions``: where the
-    learner's classes are described (default ``model.regions``; the widget passes regions added since).
-    ``cache``: a dict the caller keeps for one prediction; the projected features (while the learner's
-    basis is the same object) and the text prior (while classes and texts are the same) are kept there,
-    so that repeated updates cost only the linear head and the vote.
-    """
-    cells = np.asarray(prediction.cells)
-    shape = tuple(prediction.grid.shape)
-    labels, conf = np.zeros(shape, np.uint16), np.zeros(shape, np.float32)
-    if len(cells) == 0:
-        return labels, conf
-    cache = {} if cache is None else cache
-    kept = cache.get("features")
-    if kept is not None and kept[0] is learner.basis and kept[1] == learner.feature_kind:
-        feats = kept[2]
-    else:
-        raw = np.asarray(prediction.embeddings, np.float32) if learner.feature_kind == JOINT else \
-            prediction_features(prediction, model, section)
-        wide = len(learner.mean) if learner.basis is None else learner.basis.shape[0]
-        if raw.shape[1] != wide:
-            raise CytoclipError(prediction.source or None, f"the cached features have {raw.shape[1]} values per "
-                                                           f"cell, the learner expects {wide}")
-        feats = learner.project(raw)
-        cache["features"] = (learner.basis, learner.feature_kind, feats)
-    if feats.shape[1] != len(learner.mean):
-        raise CytoclipError(prediction.source or None, f"the cached features have {feats.shape[1]} values per cell, "
-                                                       f"the learner expects {len(learner.mean)}")
-    described = {r.id: r for r in (model.regions if regions is None else regions)}
-    prior_key = (tuple(int(c) for c in learner.classes), tuple(bool(t) for t in learner.class_text),
-                 tuple((r.name, r.description, r.prompts) if r else None
-                       for r in (described.get(int(c)) for c in learner.classes)))
-    kept = cache.get("prior")
-    if kept is not None and kept[0] == prior_key:
-        prior = kept[1]
-    else:
-        prior = class_prior(learner, list(described.values()), model, prediction.embeddings)
-        cache["prior"] = (prior_key, prior)
-    probs = learner.predict_proba(feats, prior)
-    current = np.asarray(prediction.labels if current is None else current)
-    col = {int(c): i for i, c in enumerate(learner.classes)}
-    fixed = None
-    if painted is not None:
-        painted = np.asarray(painted, bool)
-        fixed = painted[cells[:, 0], cells[:, 1]]
-        for i in np.flatnonzero(fixed):
-            j = col.get(int(current[cells[i, 0], cells[i, 1]]))
-            if j is not None:
-                probs[i] = 0.0
-                probs[i, j] = 1.0
-    probs = smooth(cells, probs, shape, learner.radius, learner.self_weight)
-    labels[cells[:, 0], cells[:, 1]] = np.asarray(learner.classes, np.uint16)[probs.argmax(1)]
-    conf[cells[:, 0], cells[:, 1]] = probs.max(1)
-    if painted is not None:
-        labels[painted] = current[painted]
-        conf[painted] = 1.0
-    return labels, conf
-
-
-def apply_learner(prediction, model, section=None):
-    """Relabel ``prediction`` in place with ``model.learner`` (no-op for a model without one)."""
-    learner = getattr(model, "learner", None)
-    if learner is not None:
-        prediction.labels, prediction.confidence = decode_with_learner(prediction, learner, model, section=section)
-    return prediction
 
 
 def taught_provenance(base, merged, regions, learner, fit_s: float, when: str) -> dict:

@@ -1,12 +1,12 @@
 """Building and updating napari layers from predictions (all on the tile grid, never full resolution)."""
 from __future__ import annotations
 
-import colorsys
 from typing import Any, Sequence
 
 import numpy as np
 
 from napari_cytoclip.io.reader import TRANSPARENT, features_table, region_colormap  # noqa: F401  (re-exported)
+from napari_cytoclip.models.vocabularies import acronym_of, auto_color  # noqa: F401  (re-exported)
 from napari_cytoclip.widgets.state import META_KEY, PredictionState, layer_alive, state_of
 
 HIGHLIGHT_RGBA = (1.0, 0.24, 0.96, 1.0)  # magenta: stands out on viridis
@@ -16,28 +16,6 @@ CANVAS_PX = 600.0
 
 # ---------------------------------------------------------------------------------------------
 # colours and tables (region_colormap and features_table live in the Qt-free reader)
-
-def auto_color(existing: Sequence[str], seed: int) -> str:
-    """A saturated colour far (in hue) from the ``existing`` ones."""
-    used = []
-    for c in existing:
-        h = c.lstrip("#")
-        r, g, b = (int(h[i:i + 2], 16) / 255 for i in (0, 2, 4))
-        used.append(colorsys.rgb_to_hsv(r, g, b)[0])
-    candidates = [(seed * 0.618034 + k / 64) % 1.0 for k in range(64)]
-    def distance(hue):
-        return min((min(abs(hue - u), 1 - abs(hue - u)) for u in used), default=1.0)
-    hue = max(candidates, key=distance)
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
-    return "#%02x%02x%02x" % (int(r * 255), int(g * 255), int(b * 255))
-
-
-def acronym_of(name: str) -> str:
-    words = [w for w in name.replace("-", " ").split() if w]
-    if len(words) == 1:
-        return words[0][:6]
-    return "".join(w[0].upper() for w in words)[:6]
-
 
 # ---------------------------------------------------------------------------------------------
 # geometry

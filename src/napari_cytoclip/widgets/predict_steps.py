@@ -42,7 +42,7 @@ def _steps(state: PredictionState, device: str, batch_size: int, cache: Path | N
         except CacheMismatch:
             prediction = None  # another image, model, grid or precision: predict and replace it
         if prediction is not None:
-            from napari_cytoclip.teach.teaching import apply_learner
+            from napari_cytoclip.inference.taught_decode import apply_learner
 
             apply_learner(prediction, model, state.section)  # the cache is the base model's; a taught one relabels
             yield ("cached", cache)

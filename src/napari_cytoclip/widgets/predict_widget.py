@@ -22,6 +22,8 @@ from napari_cytoclip.widgets.identify_panel import TOP_K, IdentifyPanel  # noqa:
 from napari_cytoclip.widgets.layers import (apply_batch, create_labels_layer, drop_views, finish_layers, image_transform,
                      redraw_labels, show_confidence)
 from napari_cytoclip.widgets.legend_panel import LegendPanel
+from napari_cytoclip.models.import_checkpoint import RecentModels
+from napari_cytoclip.widgets.model_chooser import ModelChooser, is_checkpoint
 from napari_cytoclip.widgets.predict_steps import WORKER_NICE, prediction_steps  # noqa: F401 (public names)
 from napari_cytoclip.widgets.review_panel import ReviewPanel
 from napari_cytoclip.widgets.teach_panel import TeachPanel
@@ -37,6 +39,9 @@ PIXEL_SIZE_MAX = 1e9  # µm; far above what check_pixel_size accepts, so an absu
 class PredictWidget(QWidget):
     """Predict brain regions on an image layer, stream them into a grid Labels layer, review and identify.
 
+    The model chooser also lists recent bundles (``recent_models``: a :class:`RecentModels`, default the
+    user's config file) and imports an open_clip checkpoint as a bundle (:meth:`import_checkpoint`).
+
     State: loaded models are cached on the widget (``_models``, keyed by bundle folder and device);
     each run has its own :class:`PredictionState`, stored in its Labels layer's
     ``metadata["cytoclip"]``. The legend, review queue and identify box act on the prediction of
@@ -47,10 +52,12 @@ class PredictWidget(QWidget):
     it at most every ``REDRAW_MS``; the end of a run is split over event-loop turns.
     """
 
-    def __init__(self, napari_viewer: Any):
+    def __init__(self, napari_viewer: Any, recent_models: RecentModels | None = None):
         super().__init__()
         self.viewer = napari_viewer
         self._models: dict[tuple, Any] = {}
+        self._setting_model = False  # set_model_path at work: a choice of the code, not of the user
+        self._model_value: Any = None  # the model field's last accepted value
         self._worker = None
         self._running: PredictionState | None = None
         self._state: PredictionState | None = None
@@ -59,7 +66,8 @@ class PredictWidget(QWidget):
         self.image = ComboBox(label="Image", choices=image_layer_choices(napari_viewer),
                               tooltip="The Nissl section to classify")
         self.model_path = FileEdit(label="Model", mode="d", nullable=True, value=None,
-                                   tooltip="A model bundle folder; leave empty for the shipped model")
+                                   tooltip="A model bundle folder (or an open_clip checkpoint file to import); "
+                                           "leave empty for the shipped model")
         self.model_info = Label(value="")
         self.device = ComboBox(label="Device", choices=DEVICES, value="auto")
         self.stride = FloatSpinBox(label="Stride (µm)", min=1.0, max=100000.0, step=10.0, value=100.0,
@@ -75,6 +83,9 @@ class PredictWidget(QWidget):
         self.form = Container(widgets=[self.image, self.plane, self.model_path, self.model_info, self.device,
                                        self.stride, self.pixel_size, self.cache], labels=True)
         self.model_path.line_edit.native.setPlaceholderText("shipped model")
+        # recent bundles and "Import checkpoint…", right below the model's info line
+        self.model_chooser = ModelChooser(self, recent_models)
+        self.form.native.layout().insertWidget(self.form.index(self.model_info) + 1, self.model_chooser)
         self.cache.line_edit.native.setPlaceholderText("optional: keeps tile embeddings for reruns")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -124,7 +135,7 @@ class PredictWidget(QWidget):
 
         self._choices = LayerChoices(napari_viewer, self.image)
         self.image.changed.connect(self._on_image_changed)
-        self.model_path.changed.connect(self._refresh_model_info)
+        self.model_path.changed.connect(self._on_model_path_changed)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -144,8 +155,31 @@ class PredictWidget(QWidget):
 
     def set_model_path(self, path: str | Path | None) -> None:
         """Use the bundle in ``path`` (None: the shipped model) for the next run."""
-        self.model_path.value = None if path is None else str(path)
+        self._setting_model = True
+        try:
+            self.model_path.value = None if path is None else str(path)
+        finally:
+            self._setting_model = False
+        self._model_value = self.model_path.value
         self._refresh_model_info()
+
+    def import_checkpoint(self, checkpoint: str | Path, regions_csv: str | Path | None, tile_um: float, **kwargs):
+        """Import an open_clip checkpoint as a new bundle next to it (thread worker), then select it and
+        list it in the recent models; the values the import dialog asks for. Returns the worker."""
+        return self.model_chooser.import_checkpoint(checkpoint, regions_csv, tile_um, **kwargs)
+
+    def _on_model_path_changed(self, value: Any = None) -> None:
+        """A checkpoint file typed or chosen: ask what it is and import it; a bundle the user chose: remember it."""
+        if not self._setting_model and is_checkpoint(_folder_value(self.model_path.value)):
+            checkpoint = _folder_value(self.model_path.value)
+            self.set_model_path(_folder_value(self._model_value))  # until the import is done
+            QTimer.singleShot(0, lambda: self.model_chooser.ask_checkpoint(checkpoint=checkpoint))
+            return
+        self._model_value = self.model_path.value
+        self._refresh_model_info()
+        folder = self.model_folder()
+        if not self._setting_model and folder is not None and folder.is_dir():
+            self.model_chooser.remember(folder)
 
     def bundle(self):
         """The chosen model's description (reads cytoclip.json only; raises BundleError)."""

@@ -145,7 +145,7 @@ class PredictionState:
         """
         from napari_cytoclip.errors import BundleError
         from napari_cytoclip.models.bundle import Region, parse_color, validate_regions
-        from napari_cytoclip.widgets.layers import acronym_of, auto_color
+        from napari_cytoclip.models.vocabularies import acronym_of, auto_color
 
         name = str(name or "").strip()
         if not name:

@@ -52,7 +52,7 @@ def teach_section(state: PredictionState, current: np.ndarray, decode: bool = Tr
     cells keep their label and vote for it. Raises a CytoclipError when nothing is taught.
     """
     from napari_cytoclip.errors import BundleError, CytoclipError
-    from napari_cytoclip.outputs.prediction_folder import now_iso
+    from napari_cytoclip.io.safe_files import now_iso
     from napari_cytoclip.teach.teaching import (decode_with_learner, examples_from_section, fit_learner,
                                                 load_teaching_set, prediction_features, taught_regions)
 
@@ -91,7 +91,7 @@ def save_taught_model(state: PredictionState, current: np.ndarray, folder: str |
     from napari_cytoclip.teach.teaching import taught_provenance
     from napari_cytoclip.errors import OutputError
     from napari_cytoclip.models.bundle import save_taught_bundle
-    from napari_cytoclip.outputs.prediction_folder import now_iso
+    from napari_cytoclip.io.safe_files import now_iso
 
     folder = Path(folder)
     if os.path.lexists(folder):

@@ -26,7 +26,7 @@ def default_data_dir() -> Path:
     env = os.environ.get("CYTOCLIP_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 @dataclass(frozen=True)

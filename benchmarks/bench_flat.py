@@ -39,7 +39,10 @@ def spread(v) -> str:
 
 
 def _plate(number: int):
-    from napari_cytoclip.teach import allen
+    try:
+        from napari_cytoclip.teach import allen
+    except ImportError:  # before the move to teach/
+        from napari_cytoclip import allen
 
     return next(p for p in allen.plates() if p.number == number)
 

@@ -421,7 +421,13 @@ def run_all(work: Path, args, tasks, pools, log) -> None:
                 if item["arm"] == "zeroshot":
                     continue
                 rows.append(task.run(item["arm"], item["kind"], item["k"], seed, item["feats"], **item.get("hyper", {})))
-    print(report(results, args.split, tasks))
+    table, bullets = report(results, args.split, tasks), summary(results, args.split)
+    print(table)
+    print(bullets)
+    if args.write_docs:
+        write_between(ROOT / "benchmarks" / "README.md", f"teach-{args.split}", table)
+        if args.split == "test":
+            write_between(ROOT / "README.md", "teach-summary", bullets)
 
 
 def default_plan() -> list[dict]:
@@ -475,6 +481,54 @@ def report(results: dict, split: str, tasks) -> str:
     return "\n".join(lines)
 
 
+GOALS = {("plates", 3): 0.70, ("plates", 10): 0.80, ("sparse", 20): 0.60}
+
+
+def summary(results: dict, split: str) -> str:
+    """README bullets: the learner's median sub-region macro-F1 per teaching case, next to the probe,
+    and the change of the 14 known divisions; each goal said met or not, failures included."""
+    def med(rows, key):
+        v = [r[key]["sub_macro_f1" if key != "known" else "known_macro_f1"] for r in rows] if key != "known" else \
+            [r[FINAL_RADIUS if FINAL_RADIUS in r else "r0"]["known_macro_f1"] for r in rows]
+        return float(np.median(v)), min(v), max(v)
+
+    plates = eval_plates(split)
+    lines = [f"- Data: Allen plates, split **{split}** ({len(plates)} plates: {', '.join(map(str, plates))}); teaching "
+             f"plates from the training split; 100 um grid; medians over 3 seeds (min-max); "
+             f"{platform.machine()}, {os.cpu_count()} CPU cores. Printed by `benchmarks/teach.py --split {split}`."]
+    for name, rows in results.items():
+        zs = next(r for r in rows if r["arm"] == "zeroshot")["r0"]["known_macro_f1"]
+        parts, known = [], []
+        for kind, k in (("plates", 1), ("plates", 3), ("plates", 10), ("sparse", 5), ("sparse", 20)):
+            arm = [r for r in rows if r["arm"] == "learner" and r["kind"] == kind and r["k"] == k]
+            probe = [r for r in rows if r["arm"] == "probe" and r["kind"] == kind and r["k"] == k]
+            if not arm:
+                continue
+            rad = FINAL_RADIUS if FINAL_RADIUS in arm[0] else "r0"
+            sub = [r[rad]["sub_macro_f1"] for r in arm]
+            known += [r[rad]["known_macro_f1"] - zs for r in arm]
+            what = f"K={k} plates" if kind == "plates" else f"{k} cells/sub-region on 3 sections"
+            goal = GOALS.get((kind, k))
+            verdict = "" if goal is None else (f", goal >= {goal:.2f} {'met' if np.median(sub) >= goal else 'NOT met'}")
+            pv = f"; linear probe {np.median([r['r0']['sub_macro_f1'] for r in probe]):.2f}" if probe else ""
+            parts.append(f"{what}: {np.median(sub):.2f} ({min(sub):.2f}-{max(sub):.2f}){pv}{verdict}")
+        lines.append(f"- **{name}** (sub-regions macro-F1, learner): " + "; ".join(parts) + ".")
+        if known:
+            lines.append(f"  The 14 known divisions (zero-shot {zs:.3f}) change by {min(known):+.3f} to {max(known):+.3f}.")
+    return "\n".join(lines)
+
+
+def write_between(path: Path, tag: str, text: str) -> None:
+    """Replace the text between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` in ``path``."""
+    doc = path.read_text()
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    if begin not in doc or end not in doc:
+        doc = doc.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "results" / "teach_bench"))
@@ -487,6 +541,8 @@ def main(argv=None) -> int:
                     help="teaching plates: only cells whose row and column are multiples of this (saves extraction time)")
     ap.add_argument("--eval-plates", type=int, nargs="*", default=[], help="score on these plates of the split only")
     ap.add_argument("--plan", default="", help="JSON list of {arm, kind, k, feats, hyper}; default: the feature comparison")
+    ap.add_argument("--write-docs", action="store_true",
+                    help="put the table into benchmarks/README.md and the summary into README.md (between markers)")
     args = ap.parse_args(argv)
     import torch
 

@@ -73,7 +73,7 @@ def test_retrieval(report):
         for key in ("precision_at_10", "precision_at_50", "precision_at_100", "top_fraction_precision", "chance"):
             assert 0.0 <= entry[key] <= 1.0
     texts = {q["text"] for q in ret["queries"]}
-    assert "layered neocortex" in texts and "cerebellar cortex with folia" not in texts  # no CB on these plates
+    assert "motor and somatosensory territory" in texts and "vermis and paraflocculus" not in texts  # no CB here
     assert all(0.0 <= q["top_fraction_precision"] <= 1.0 for q in ret["queries"])
 
 
@@ -98,7 +98,7 @@ def test_allen_split_and_overwrite(model, tmp_path):
     rep = evaluate_allen_split(model, "test", out=out, plate_numbers=[40])
     assert rep["allen_split"] == "test" and rep["plates"] == [40]
     assert rep["images"][0]["pixel_size_um"] == pytest.approx(allen_plate(40).um_per_px)
-    assert any(q["text"] == "layered neocortex" for q in rep["retrieval"]["queries"])
+    assert any(q["text"] == "motor and somatosensory territory" for q in rep["retrieval"]["queries"])
     rep2 = evaluate_allen_split(model, "test", out=out, plate_numbers=[40], overwrite=True, stride_um=200)
     assert rep2["stride_um"] == 200 and rep2["images"][0]["grid_shape"][0] < rep["images"][0]["grid_shape"][0]
     with pytest.raises(CytoclipError, match="no Allen plates"):

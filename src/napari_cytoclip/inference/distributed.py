@@ -128,7 +128,7 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
             reply = pool.submit(probe).result()
     except (Exception, MemoryError) as exc:  # noqa: BLE001 - any failure means "not a scheduler here"
         raise _not_a_scheduler(address, timeout, exc) from None
-    if not (isinstance(reply, dict) and reply.get("type") == "Scheduler"):
+    if not (isinstance(reply, dict) and "Scheduler" in str(reply.get("type"))):  # Scheduler or a subclass
         kind = reply.get("type") if isinstance(reply, dict) else type(reply).__name__
         raise CytoclipError(None, f"{address} did not answer as a dask scheduler (it answered as {kind!r})")
 

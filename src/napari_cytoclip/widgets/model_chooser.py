@@ -87,6 +87,7 @@ class ModelChooser(QWidget):
         self.host = host
         self.recent_models = recent if recent is not None else RecentModels()
         self._worker = None
+        self.dialog: ImportCheckpointDialog | None = None  # the open import dialog, if any
         self.recent = QComboBox()
         self.recent.setToolTip("Model bundles used lately (newest first)")
         self.recent.activated.connect(self._on_recent_activated)  # user choices only, not refreshes
@@ -138,16 +139,22 @@ class ModelChooser(QWidget):
         return self._worker
 
     def ask_checkpoint(self, *_: Any, checkpoint: str | Path | None = None) -> None:
-        """Choose a checkpoint file (unless given), ask what it is, then import it."""
+        """Choose a checkpoint file (unless given), then open the dialog that asks what it is; its OK imports it."""
         if checkpoint is None:
             patterns = " ".join(f"*{s}" for s in CHECKPOINT_SUFFIXES)
             checkpoint, _ = QFileDialog.getOpenFileName(self, "Choose a CLIP checkpoint", "",
                                                         f"Checkpoints ({patterns});;All files (*)")
             if not checkpoint:
                 return
-        dialog = ImportCheckpointDialog(checkpoint, self)
-        if dialog.exec():
-            self.import_checkpoint(checkpoint, **dialog.values())
+        if self.dialog is not None:
+            self.dialog.close()
+        self.dialog = dialog = ImportCheckpointDialog(checkpoint, self)
+        dialog.accepted.connect(lambda: self.import_checkpoint(checkpoint, **dialog.values()))
+        dialog.finished.connect(self._on_dialog_closed)
+        dialog.open()  # window-modal, not blocking: the viewer keeps drawing
+
+    def _on_dialog_closed(self, *_: Any) -> None:
+        self.dialog = None
 
     def import_checkpoint(self, checkpoint: str | Path, regions_csv: str | Path | None, tile_um: float, *,
                           arch: str | None = None, config: str | Path | None = None, tile_px: int | None = None,

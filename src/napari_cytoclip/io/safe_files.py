@@ -63,7 +63,7 @@ def user_umask() -> int:
     return 0o022
 
 
-def _share(path: Path, folder: bool = False) -> None:
+def share_mode(path: Path, folder: bool = False) -> None:
     """Give a temp file (0600) or folder (0700) the mode a plain ``open``/``mkdir`` would: the user's umask."""
     os.chmod(path, (0o777 if folder else 0o666) & ~user_umask())
 
@@ -308,7 +308,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        _share(tmp)
+        share_mode(tmp)
         yield tmp
         recorder = _RECORDER.get()
         digest = recorder.before(tmp, path) if recorder is not None else None
@@ -352,7 +352,7 @@ def new_output_folder(folder: str | Path, overwrite: bool = False, kind: str = "
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        _share(tmp, folder=True)
+        share_mode(tmp, folder=True)
     except OSError as exc:
         raise OutputError(folder.parent, f"not writable ({exc.strerror})") from None
     try:

@@ -19,6 +19,7 @@ its regions are the base regions plus the taught new ones.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -27,7 +28,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from napari_cytoclip.errors import BundleError, CytoclipError, OutputError
 
@@ -325,20 +326,11 @@ def save_taught_bundle(base: ModelBundle, regions: list[Region], learner: Any, t
                        folder: str | Path, provenance: dict, name: str | None = None) -> ModelBundle:
     """Write a taught bundle atomically: ``base``'s weights and description with ``regions`` and
     ``provenance``, plus ``learner.save(path)`` and ``teaching_set.save(folder)``; never overwrites."""
-    import os
     import shutil
-    import tempfile
 
     folder = Path(folder)
-    if os.path.lexists(folder):
-        raise BundleError(folder, "already exists; choose a new folder for the taught model")
     validate_regions(regions, folder)
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as exc:
-        raise OutputError(folder.parent, f"cannot create the model folder here ({exc.strerror or exc})") from None
-    try:
+    with _new_bundle_folder(folder, "taught model") as tmp:
         shutil.copyfile(base.weights_path, tmp / BUNDLE_WEIGHTS)
         meta = base.to_json()
         meta.update(name=name or folder.name, regions=[r.to_dict() for r in regions], provenance=provenance,
@@ -347,14 +339,36 @@ def save_taught_bundle(base: ModelBundle, regions: list[Region], learner: Any, t
         teaching_set.save(tmp)
         (tmp / BUNDLE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         load_bundle(tmp)  # validated before it is moved into place
+    return load_bundle(folder)
+
+
+@contextlib.contextmanager
+def _new_bundle_folder(folder: Path, what: str = "model") -> Iterator[Path]:
+    """A temp folder beside ``folder`` (the user's umask), renamed into place when the block succeeds;
+    refused when ``folder`` exists, removed on any error."""
+    import os
+    import shutil
+    import tempfile
+
+    from napari_cytoclip.io.safe_files import share_mode
+
+    if os.path.lexists(folder):
+        raise BundleError(folder, f"already exists; choose a new folder for the {what}")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        share_mode(tmp, folder=True)
+    except OSError as exc:
+        raise OutputError(folder.parent, f"cannot create the model folder here ({exc.strerror or exc})") from None
+    try:
+        yield tmp
         os.replace(tmp, folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(folder, f"the taught model could not be written ({exc.strerror or exc})") from None
+        raise OutputError(folder, f"the {what} could not be written ({exc.strerror or exc})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return load_bundle(folder)
 
 
 def bundle_from_json(meta: Any, source: Any) -> ModelBundle:
@@ -480,31 +494,13 @@ def _check_text_tower_fields(text_tower: dict, source: Any) -> None:
 
 def save_bundle(bundle: ModelBundle, state_dict: dict, folder: str | Path) -> Path:
     """Write a bundle folder atomically (a temp folder renamed into place); never overwrites."""
-    import os
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    if folder.exists():
-        raise BundleError(folder, "already exists; choose a new folder for the model")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as exc:
-        raise OutputError(folder.parent, f"cannot create the model folder here ({exc.strerror or exc})") from None
-    try:
+    with _new_bundle_folder(folder) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / BUNDLE_WEIGHTS))
         (tmp / BUNDLE_JSON).write_text(json.dumps(bundle.to_json(), indent=1), encoding="utf-8")
-        os.replace(tmp, folder)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(folder, f"the model could not be written ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_bundle(folder)
 
 

@@ -101,9 +101,9 @@ def main(argv=None) -> None:
     if args.write_docs:
         from pathlib import Path
 
-        from teach import write_between
+        from napari_cytoclip.io.safe_files import write_between_markers
 
-        write_between(Path(__file__).resolve().parent / "README.md", "update-map", text)
+        write_between_markers(Path(__file__).resolve().parent / "README.md", "update-map", text)
 
 
 if __name__ == "__main__":

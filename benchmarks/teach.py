@@ -425,9 +425,11 @@ def run_all(work: Path, args, tasks, pools, log) -> None:
     print(table)
     print(bullets)
     if args.write_docs:
-        write_between(ROOT / "benchmarks" / "README.md", f"teach-{args.split}", table)
+        from napari_cytoclip.io.safe_files import write_between_markers
+
+        write_between_markers(ROOT / "benchmarks" / "README.md", f"teach-{args.split}", table)
         if args.split == "test":
-            write_between(ROOT / "README.md", "teach-summary", bullets)
+            write_between_markers(ROOT / "README.md", "teach-summary", bullets)
 
 
 def default_plan() -> list[dict]:
@@ -516,17 +518,6 @@ def summary(results: dict, split: str) -> str:
         if known:
             lines.append(f"  The 14 known divisions (zero-shot {zs:.3f}) change by {min(known):+.3f} to {max(known):+.3f}.")
     return "\n".join(lines)
-
-
-def write_between(path: Path, tag: str, text: str) -> None:
-    """Replace the text between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` in ``path``."""
-    doc = path.read_text()
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    if begin not in doc or end not in doc:
-        doc = doc.rstrip() + f"\n\n{begin}\n{end}\n"
-    head, rest = doc.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
 
 
 def main(argv=None) -> int:

@@ -99,6 +99,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stride-um", type=float, default=None)
     ap.add_argument("--probe-stride-um", type=float, default=400.0, help="window spacing for probe training pairs")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--readme", default=None, help="also put card.md between the model-card markers of this file")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="the shipped model's precision (default: what users get)")
     args = ap.parse_args(argv)
@@ -141,6 +142,10 @@ def main(argv=None) -> None:
     card = card_markdown(summary)
     (out / "card.md").write_text(card)
     print(card)
+    if args.readme:
+        from napari_cytoclip.io.safe_files import write_between_markers
+
+        write_between_markers(args.readme, "model-card", card)
 
 
 def machine() -> str:

@@ -17,6 +17,8 @@ from collections import Counter
 
 import pytest
 
+EXIT_STATUS = pytest.StashKey[int]()
+
 RELIABILITY_PREFIX = "test_reliability_"
 GUI_FIXTURES = {"make_napari_viewer", "make_napari_viewer_proxy", "qtbot", "qapp"}
 # the libraries Qt's xcb platform plugin needs beyond a plain X client, and their Debian packages
@@ -92,3 +94,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     parts = ", ".join(f"{name[len(RELIABILITY_PREFIX):]} {n}" for name, n in sorted(per_module.items()))
     terminalreporter.write_line(f"reliability catalogue: {sum(per_module.values())} cases ({parts})")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """Leave without interpreter finalisation once pytest and its plugins (Xvfb included) are done.
+
+    After a full run (Qt, vispy, torch, zarr, dask in one process) CPython's final garbage collection
+    has aborted in a C extension ("none_dealloc", exit 134) after every test had passed and the summary
+    was printed; the exit status must be pytest's own. ``CYTOCLIP_TEST_FINALIZE=1`` keeps the normal exit.
+    """
+    import sys
+
+    status = config.stash.get(EXIT_STATUS, None)
+    if status is None or os.environ.get("CYTOCLIP_TEST_FINALIZE") == "1":
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -93,7 +93,8 @@ def test_wheel_contents(wheel):
         entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert "napari-cytoclip = napari_cytoclip:napari.yaml" in entry_points
     assert "napari-cytoclip = napari_cytoclip.cli:main" in entry_points
-    for module in ("sections", "tissue", "grid", "windows", "bundle", "model", "predict", "aggregate"):
+    for module in ("io/sections", "io/tissue", "inference/grid", "inference/windows", "models/bundle", "models/model",
+                   "inference/predict", "inference/aggregate", "teach/teaching", "models/learner", "outputs/geojson"):
         assert f"napari_cytoclip/{module}.py" in names
     shipped = [p for p in (list(BUNDLE.glob("*")) + list(SAMPLE.glob("*"))) if p.is_file()]
     for path in shipped:

@@ -84,7 +84,7 @@ def test_sample_plate_41_is_whole_training_plate():
     assert set(np.unique(labels)) <= set(range(16)) and (labels == 1).any()
     feats = lkw["features"]
     assert list(feats.columns) == ["index", "name", "acronym"] and "Isocortex" in set(feats["name"])
-    assert lkw["colormap"].map(np.array([0]))[0][3] == 0
+    assert lkw["colormap"][0][3] == 0 and lkw["colormap"][None][3] == 0  # background and unknown transparent
     if SHARED_PLATES.is_dir():  # the pixel size is the index's est_um_per_px for plate 41
         with open(SHARED_PLATES / "plates_index.csv", newline="") as f:
             row = next(r for r in csv.DictReader(f) if r["plate"] == "41")

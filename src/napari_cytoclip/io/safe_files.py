@@ -386,3 +386,16 @@ def _renamed(exc: CytoclipError, tmp: Path, folder: Path) -> CytoclipError:
     except ValueError:
         return exc
     return type(exc)(folder, f"{rel.as_posix()}: {exc.problem}" if rel.parts else exc.problem)
+
+
+def write_between_markers(path: str | Path, tag: str, text: str) -> None:
+    """Replace what lies between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` in a text file (the
+    markers are appended when absent); used by the scripts that generate the documentation's figures."""
+    path = Path(path)
+    doc = path.read_text(encoding="utf-8")
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    if begin not in doc or end not in doc:
+        doc = doc.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(path, f"{head}{begin}\n{text.strip()}\n{end}{tail}")

@@ -111,11 +111,11 @@ def export_corrections(section: Section, prediction: Prediction, edited_labels: 
         files["pairs"] = out_dir / PAIRS_DIR
         result = ExportResult(out_dir, added, existing, int(corrected.sum()), int(reviewed.sum()), files)
         if taught is not None:
-            new, merged = taught
-            merged.save(out_dir)
             files["teaching"] = out_dir / TEACHING_JSON
-            result.taught_cells = len(new)
+            result.taught_cells = len(taught[0])
         _log_export(out_dir, result, source, base["time"])
+        if taught is not None:  # last: an export that fails before here leaves the teaching set as it was
+            taught[1].save(out_dir)
     return result
 
 

@@ -513,7 +513,7 @@ def summary(results: dict, split: str) -> str:
             goal = GOALS.get((kind, k))
             verdict = "" if goal is None else (f", goal >= {goal:.2f} {'met' if np.median(sub) >= goal else 'NOT met'}")
             pv = f"; linear probe {np.median([r['r0']['sub_macro_f1'] for r in probe]):.2f}" if probe else ""
-            parts.append(f"{what}: {np.median(sub):.2f} ({min(sub):.2f}-{max(sub):.2f}){pv}{verdict}")
+            parts.append(f"{what}: {np.median(sub):.3f} ({min(sub):.2f}-{max(sub):.2f}){pv}{verdict}")
         lines.append(f"- **{name}** (sub-regions macro-F1, learner): " + "; ".join(parts) + ".")
         if known:
             lines.append(f"  The 14 known divisions (zero-shot {zs:.3f}) change by {min(known):+.3f} to {max(known):+.3f}.")

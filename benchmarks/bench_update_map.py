@@ -44,7 +44,8 @@ def fake_prediction(n: int, feat_dim: int, emb_dim: int, seed: int = 0):
 def main(argv=None) -> None:
     from napari_cytoclip.models.bundle import Region
     from napari_cytoclip.models.model import load_model
-    from napari_cytoclip.teach.teaching import decode_with_learner, examples_from_section, fit_learner, taught_regions
+    from napari_cytoclip.inference.taught_decode import decode_with_learner
+    from napari_cytoclip.teach.teaching import examples_from_section, fit_learner, taught_regions
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=100_000)

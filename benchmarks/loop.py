@@ -320,7 +320,7 @@ class Loop:
         if done and (export / "pairs" / "pairs.csv").is_file():
             return done
         image = self.image_of(plate)
-        from napari_cytoclip.cli import image_stem
+        from napari_cytoclip.outputs.naming import image_stem
 
         pred = self.work / "predict" / image_stem(image)
         t_pred = 0.0

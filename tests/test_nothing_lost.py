@@ -484,7 +484,7 @@ def test_pair_folder_reading_accepts_a_clean_folder(base, tmp_path):
 def test_cancelled_finetune_keeps_a_checkpoint_folder_it_did_not_create(base, tmp_path):
     """Cancel removes only what the run created: a pre-existing ``<out>.ckpt`` of the user's stays."""
     from napari_cytoclip.teach.train import TrainConfig
-    from napari_cytoclip.widgets.export_widget import remove_checkpoint, training_steps
+    from napari_cytoclip.teach.safe_finetune import remove_checkpoint, training_steps
 
     pairs = pair_folder(base, tmp_path)
     out = tmp_path / "model"

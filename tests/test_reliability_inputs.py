@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
+
+from napari_cytoclip.outputs.naming import image_stem
 import tifffile
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -408,11 +410,11 @@ def test_image_catalogue_cli(case, bundle_dir, tmp_path, capsys, monkeypatch, cl
     rc, out, err = cli_predict(capsys, path, bundle_dir, tmp_path / "results", "--pixel-size", PX)
     if case.refuse:
         assert_cli_refused(rc, err, path, case.refuse)
-        assert not (tmp_path / "results" / cli.image_stem(path)).exists()
+        assert not (tmp_path / "results" / image_stem(path)).exists()
         return
     assert rc == 0, err
     assert "Traceback" not in err
-    folder = tmp_path / "results" / cli.image_stem(path)
+    folder = tmp_path / "results" / image_stem(path)
     assert out.strip() == str(folder)
     assert (folder / "prediction.json").is_file() and (folder / "labels.tif").is_file()
 
@@ -560,7 +562,7 @@ def test_pixel_size_catalogue_cli(case, bundle_dir, tmp_path, capsys, cli_model)
         return
     if case.expect in ("refuse", "unknown"):
         assert_cli_refused(rc, err, path, case.pattern)
-        assert not (tmp_path / "results" / cli.image_stem(path)).exists()
+        assert not (tmp_path / "results" / image_stem(path)).exists()
         return
     assert rc == 0, err
     if case.expect == "warn":

@@ -204,7 +204,7 @@ def test_learner_file_validation(taught, tmp_path):
 
 def test_decode_never_overwrites_painted_cells(taught):
     from napari_cytoclip.models.model import load_model
-    from napari_cytoclip.teach.teaching import decode_with_learner
+    from napari_cytoclip.inference.taught_decode import decode_with_learner
 
     model = load_model(taught["root"] / "taught", device="cpu")
     pred = taught["pred"]

@@ -165,8 +165,8 @@ def test_paint_new_region_update_undo_save_and_predict_another_section(make_napa
 
     # teaching on this section adds to the same teaching set
     data44 = labels44.copy()
-    cells = np.argwhere(labels44 == STRIATUM)[:5]
-    data44[cells[:, 0], cells[:, 1]] = 15
+    cells = np.argwhere(labels44 == 15)[:5]  # the anatomist says: these five are striatum after all
+    data44[cells[:, 0], cells[:, 1]] = STRIATUM
     state44.labels_layer.data = data44
     res = teach_section(state44, data44, decode=False)
     assert [s["name"] for s in res.teaching_set.sources] == ["plate 41 crop", "plate 44 crop"]

@@ -1,4 +1,5 @@
-"""The ``napari-cytoclip`` command: predict, train, evaluate and export corrections without napari.
+"""The ``napari-cytoclip`` command: predict, export corrections, teach, train, evaluate and import models
+without napari.
 
 Errors a user can fix print one line, ``napari-cytoclip: error: <file>: <problem>``, and exit
 with status 2 (a traceback only with ``--debug``).
@@ -15,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from napari_cytoclip.errors import Cancelled, CytoclipError, OutputError
-from napari_cytoclip.outputs.naming import image_stem, progress_bar, results_targets  # noqa: F401 (image_stem: public)
+from napari_cytoclip.outputs.naming import progress_bar, results_targets
 
 PROG = "napari-cytoclip"
 
@@ -55,7 +56,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--full-resolution", action="store_true", help="also write labels on the image's pixel grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing results folders")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS|local:N", help="run on a dask cluster")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 on CPUs with native bf16 for convolutional towers, else fp32")
 
 
 def _add_train(sub) -> None:
@@ -89,7 +91,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--images", type=Path, nargs="+", default=None, metavar="IMAGE")
     p.add_argument("--labels", type=Path, nargs="+", default=None, metavar="LABELS")
     p.add_argument("--allen-split", default=None, choices=["train", "val", "test"])
-    p.add_argument("--data-dir", type=Path, default=None, help="Allen data folder (default: $CYTOCLIP_DATA)")
+    p.add_argument("--data-dir", type=Path, default=None, help="Allen data folder (default: $CYTOCLIP_DATA, else ../shared/data beside the clone)")
     p.add_argument("--out", type=Path, required=True, metavar="REPORT", help="report folder")
     p.add_argument("--pixel-size", type=float, nargs="+", default=None, metavar="UM",
                    help="one value for all images or one per image")
@@ -162,7 +164,6 @@ def _add_teach(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-_progress = progress_bar  # the tqdm bar every command draws (outputs.naming)
 
 
 def _model(args, path: Path | None):
@@ -181,7 +182,7 @@ def _predict_one(section, model, args, desc: str):
         while True:
             res = next(gen)
             if bar is None:
-                bar = _progress(res.total, desc, args.quiet)
+                bar = progress_bar(res.total, desc, args.quiet)
             bar.update(res.done - bar.n)
     except StopIteration as stop:
         return stop.value
@@ -206,7 +207,7 @@ def cmd_predict(args) -> int:
         raise ValueError("give at least one IMAGE (or --sample)")
     if args.plane is not None and args.plane < 0:
         raise ValueError(f"--plane must be at least 0, got {args.plane}")
-    targets = _predict_targets(args.images, args.out, args.overwrite)
+    targets = results_targets(args.images, args.out, args.overwrite)
     if args.scheduler:
         if args.model is not None and _bundle(args.model).taught:
             raise CytoclipError(args.model, "a taught model does not run with --scheduler yet; predict without it")
@@ -244,7 +245,6 @@ def _check_batch(n: int) -> None:
         raise ValueError(f"--batch-size must be at least 1, got {n}")
 
 
-_predict_targets = results_targets
 
 
 def _predict_distributed(args) -> int:
@@ -278,7 +278,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          device=args.device, time_budget_s=args.time_budget_s, replay_ratio=args.replay_ratio,
                          steps_per_epoch=args.steps_per_epoch, warmup_steps=args.warmup_steps)
-    bar = _progress(None, "train", args.quiet, unit="step")
+    bar = progress_bar(None, "train", args.quiet, unit="step")
 
     def progress(info: dict) -> None:
         if "epoch_done" in info:
@@ -333,7 +333,7 @@ class _ImageProgress:
         if self.bar is None or name != self.name:
             if self.bar is not None:
                 self.bar.close()
-            self.bar, self.name = _progress(total, name, False), name
+            self.bar, self.name = progress_bar(total, name, False), name
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.bar.close()
@@ -402,7 +402,8 @@ def _export_regions(args, edited, predicted, table):
 def _export_features(args, prediction, section, edited, confirmed):
     """Image features for the teaching examples: the cached ones, else those of the taught cells (and a
     sample of the others, for standardising) read and encoded again."""
-    from napari_cytoclip.teach.teaching import prediction_features, stats_rows
+    from napari_cytoclip.inference.taught_decode import prediction_features
+    from napari_cytoclip.teach.teaching import stats_rows
 
     if getattr(prediction, "features", None) is not None:
         return None, None

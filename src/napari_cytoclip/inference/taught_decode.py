@@ -40,7 +40,7 @@ def prediction_features(prediction, model=None, section=None, rows: np.ndarray |
     return np.concatenate(out) if out else np.zeros((0, 0), np.float16)
 
 
-def _text_rows(regions_by_class: Sequence[Region], class_text: np.ndarray, model) -> tuple[np.ndarray, list]:
+def text_rows(regions_by_class: Sequence[Region], class_text: np.ndarray, model) -> tuple[np.ndarray, list]:
     """Text embeddings of the classes with text, and each class's row (None: no prior)."""
     with_text = [r for r, t in zip(regions_by_class, class_text) if t]
     text = model.region_embeddings(with_text) if with_text else np.zeros((0, model.embed_dim), np.float32)
@@ -52,7 +52,7 @@ def class_prior(learner: TaughtLearner, regions: Sequence[Region], model, joint:
     """Text-prior logits ``(n, C)`` of the learner's classes for joint embeddings."""
     by_id = {r.id: r for r in regions}
     regs = [by_id[int(c)] for c in learner.classes]
-    text, sources = _text_rows(regs, learner.class_text, model)
+    text, sources = text_rows(regs, learner.class_text, model)
     if not any(s is not None for s in sources):
         return np.zeros((len(joint), len(regs)), np.float32)
     return prior_logits(joint, text, model.logit_scale, sources)

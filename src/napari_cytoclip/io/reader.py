@@ -219,7 +219,7 @@ def grid_tiff_layer_data(path: str | Path, meta: dict | None = None) -> tuple[An
         summary_path = path.parent / PREDICTION_JSON
         if summary_path.is_file():
             try:
-                regions = _regions(_read_summary(path.parent), summary_path)
+                regions = _regions(read_summary(path.parent), summary_path)
             except CytoclipError as exc:
                 warnings.warn(f"{exc}; the labels open without region names", stacklevel=2)
             else:
@@ -232,7 +232,7 @@ def grid_tiff_layer_data(path: str | Path, meta: dict | None = None) -> tuple[An
     return data, kwargs, "image"
 
 
-def _read_summary(folder: Path) -> dict:
+def read_summary(folder: Path) -> dict:
     path = folder / PREDICTION_JSON
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
@@ -309,7 +309,7 @@ def read_prediction_folder(path: str | list[str]) -> list[tuple[Any, dict, str]]
     A missing section image is reported (a warning) and the regions open without it.
     """
     folder = Path(path if isinstance(path, (str, Path)) else path[0])
-    summary = _read_summary(folder)
+    summary = read_summary(folder)
     summary_path = folder / PREDICTION_JSON
     files = summary.get("files") if isinstance(summary.get("files"), dict) else {}
     labels_path = folder / str(files.get("labels", "labels.tif"))

@@ -362,7 +362,11 @@ def new_output_folder(folder: str | Path, overwrite: bool = False, kind: str = "
         if os.path.lexists(folder):
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
-            os.replace(tmp, folder)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                os.replace(old, folder)  # put the earlier results back where the user left them
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)

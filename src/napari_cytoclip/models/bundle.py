@@ -362,6 +362,8 @@ def _new_bundle_folder(folder: Path, what: str = "model") -> Iterator[Path]:
         raise OutputError(folder.parent, f"cannot create the model folder here ({exc.strerror or exc})") from None
     try:
         yield tmp
+        if os.path.lexists(folder):  # appeared while we wrote: never replaced
+            raise BundleError(folder, f"already exists; choose a new folder for the {what}")
         os.replace(tmp, folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -388,7 +390,7 @@ def bundle_from_json(meta: Any, source: Any) -> ModelBundle:
             std=tuple(float(v) for v in inp.get("std", InputSpec.std)))
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(source, f"bad 'input' section ({exc!r})") from None
-    _check_input(spec, source)
+    check_input(spec, source)
     regions_raw = meta.get("regions")
     if not isinstance(regions_raw, list):
         raise BundleError(source, "missing 'regions' list")
@@ -420,7 +422,7 @@ def bundle_from_json(meta: Any, source: Any) -> ModelBundle:
                        provenance=meta.get("provenance", {}) or {})
 
 
-def _check_input(spec: InputSpec, source: Any) -> None:
+def check_input(spec: InputSpec, source: Any) -> None:
     if not SIZE_RANGE[0] <= spec.size <= SIZE_RANGE[1]:
         raise BundleError(source, f"input size {spec.size} px is out of range ({SIZE_RANGE[0]}-{SIZE_RANGE[1]} px)")
     if spec.mode not in MODES:

@@ -15,11 +15,14 @@ import os
 import platform
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from napari_cytoclip.errors import BundleError, CytoclipError
-from napari_cytoclip.models.bundle import (BUNDLE_JSON, MODES, POLARITIES, InputSpec, ModelBundle, _check_input,
+from napari_cytoclip.models.bundle import (BUNDLE_JSON, MODES, POLARITIES, InputSpec, ModelBundle, check_input,
                                            check_architecture, load_bundle, load_regions_csv, read_json, save_bundle)
+
+if TYPE_CHECKING:  # model.py is imported inside the functions that need it
+    from napari_cytoclip.models.model import CytoClip
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 RECENT_MAX = 10
@@ -45,7 +48,7 @@ def input_spec(tile_um: float, tile_px: int, mode: str = "rgb", scales_um: Seque
     scales = tuple(float(s) for s in scales_um) if scales_um else (tile_um,)
     spec = InputSpec(size=tile_px, scales_um=scales, mode=mode, polarity=polarity,
                      mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
-    _check_input(spec, source)
+    check_input(spec, source)
     return spec
 
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from napari_cytoclip.models.bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, check_architecture, default_bundle_path,
-                     load_bundle, load_regions_csv, resolve_text_tower)
+                     load_bundle, resolve_text_tower)
 from napari_cytoclip.inference.cputhreads import run_small
 from napari_cytoclip.errors import BundleError
 
@@ -320,8 +320,6 @@ class CytoClip:
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 embeddings of ``texts`` (memoised per string)."""
-        import torch
-
         todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if todo:
             tokens = self._tokenizer(todo).to(self.device)

@@ -28,7 +28,7 @@ BASIS_DIMS = 256                    # pooled features are projected on their top
                                     # fast enough for a one-second map update)
 
 
-def _read_safetensors(path: Path, error: type[CytoclipError]) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path, error: type[CytoclipError]) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     try:
@@ -119,7 +119,7 @@ def read_learner(path: str | Path, regions: Sequence[Region]) -> TaughtLearner:
     from safetensors import safe_open
 
     path = Path(path)
-    state = _read_safetensors(path, BundleError)
+    state = read_safetensors(path, BundleError)
     try:
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}

@@ -247,7 +247,7 @@ def export_geometry(base: "InputSpec", tile_px: int | None = None, tile_um: floa
     from dataclasses import replace
 
     from napari_cytoclip.errors import BundleError
-    from napari_cytoclip.models.bundle import _check_input
+    from napari_cytoclip.models.bundle import check_input
 
     if tile_px is None and tile_um is None and mode is None and not scales_um:
         return base
@@ -262,7 +262,7 @@ def export_geometry(base: "InputSpec", tile_px: int | None = None, tile_um: floa
     else:
         scales = base.scales_um
     spec = replace(base, size=int(tile_px or base.size), scales_um=scales, mode=mode)
-    _check_input(spec, "tile geometry")
+    check_input(spec, "tile geometry")
     return spec
 
 

@@ -139,7 +139,8 @@ def predicted_ids(model: Any, images: np.ndarray, batch: int = 64) -> np.ndarray
         return np.asarray([r.id for r in model.regions], np.int64)[(emb @ text.T).argmax(1)] if len(emb) else \
             np.zeros(0, np.int64)
     from napari_cytoclip.teach.features import tower_features
-    from napari_cytoclip.teach.teaching import FEATURE_KIND, JOINT, class_prior
+    from napari_cytoclip.inference.taught_decode import class_prior
+    from napari_cytoclip.models.taught import FEATURE_KIND, JOINT
 
     if learner.feature_kind not in (JOINT, FEATURE_KIND):
         raise CytoclipError(model.bundle.path, f"its learner uses '{learner.feature_kind}' features, which the "

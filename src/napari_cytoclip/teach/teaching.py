@@ -12,20 +12,18 @@ text classifier; :func:`decode_with_learner` relabels a prediction from its cach
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from napari_cytoclip.errors import BundleError, CytoclipError
-from napari_cytoclip.models.bundle import (LEARNER_FILE, TEACHING_JSON, TEACHING_SAFETENSORS, Region, read_json,
+from napari_cytoclip.models.bundle import (TEACHING_JSON, TEACHING_SAFETENSORS, Region, read_json,
                                            region_from_dict, validate_regions)
 from napari_cytoclip.models.learner import prior_logits
-from napari_cytoclip.inference.taught_decode import (_text_rows, apply_learner, class_prior,  # noqa: F401
-                                                     decode_with_learner, prediction_features)
-from napari_cytoclip.models.taught import (BASIS_DIMS, FEATURE_KIND, JOINT, TaughtLearner,  # noqa: F401
-                                           _read_safetensors, feature_basis, read_learner)
+from napari_cytoclip.inference.taught_decode import text_rows
+from napari_cytoclip.models.taught import FEATURE_KIND, TaughtLearner, feature_basis, read_safetensors
 
 TEACHING_FORMAT = "napari-cytoclip-teaching"
 TEACHING_VERSION = 1
@@ -153,7 +151,7 @@ def load_teaching_set(folder: str | Path, error: type[CytoclipError] = CytoclipE
         raise error(meta_path, exc.problem) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise error(meta_path, f"incomplete teaching description ({exc})") from None
-    a = _read_safetensors(arr_path, error)
+    a = read_safetensors(arr_path, error)
     need = ("features", "joint", "region", "source", "cell", "kind", "stat_sum", "stat_sq", "stat_n")
     missing = [k for k in need if k not in a]
     if missing:
@@ -296,7 +294,7 @@ def fit_learner(teaching_set: TeachingSet, base_model, regions: Sequence[Region]
         learner.basis_mean, learner.basis = basis
     x = learner.project(teaching_set.features)
     learner.set_stats(x)
-    text, sources = _text_rows(regions, class_text, base_model)
+    text, sources = text_rows(regions, class_text, base_model)
     joint = np.asarray(teaching_set.joint, np.float32)
     prior = prior_logits(joint, text, base_model.logit_scale, sources) if len(joint) else \
         np.zeros((0, len(regions)), np.float32)

@@ -45,7 +45,6 @@ class TrainConfig:
     text_features: str | None = None  # cache file of pooled text-trunk features
     augment: bool = True
     label_smoothing: float = 0.1
-    num_threads: int | None = None
     time_budget_s: float | None = None  # fit the number of epochs to this many seconds after epoch 1
     replay_ratio: float = 1.0        # replay pairs drawn per new pair in each batch (with replay folders)
 
@@ -257,8 +256,6 @@ def train(pair_folders: list[str | Path], out: str | Path, init: str | Path | Mo
         raise CytoclipError(out, "already exists; choose a new folder for the trained model")
     ckpt_dir = out.with_name(out.name + ".ckpt")
     _claim_checkpoint_folder(ckpt_dir, create=False)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     bundle = init if isinstance(init, ModelBundle) else load_bundle(init)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)

@@ -12,8 +12,7 @@ from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 
 from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, drive, group, guarded, message_of, prediction_layer_choices,
                      status_label, widget_alive)
-from napari_cytoclip.teach.safe_finetune import (CHECKPOINT_FILES, candidate_folder, remove_checkpoint,  # noqa: F401
-                                                  training_steps)
+from napari_cytoclip.teach.safe_finetune import candidate_folder
 from napari_cytoclip.widgets.state import PredictionState, state_of
 
 FINETUNE_BATCH = 32

@@ -6,7 +6,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from napari_cytoclip.io.reader import TRANSPARENT, features_table, region_colormap  # noqa: F401  (re-exported)
-from napari_cytoclip.models.vocabularies import acronym_of, auto_color  # noqa: F401  (re-exported)
 from napari_cytoclip.widgets.state import META_KEY, PredictionState, layer_alive, state_of
 
 HIGHLIGHT_RGBA = (1.0, 0.24, 0.96, 1.0)  # magenta: stands out on viridis

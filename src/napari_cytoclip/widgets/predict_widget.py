@@ -18,13 +18,13 @@ from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, current_plane, drive, image_layer_choices, message_of,
                      pixel_size_of, plane_text, section_for_layer, shipped_bundle_path, stack_shape, status_label,
                      widget_alive)
-from napari_cytoclip.widgets.identify_panel import TOP_K, IdentifyPanel  # noqa: F401 (TOP_K: public)
+from napari_cytoclip.widgets.identify_panel import IdentifyPanel
 from napari_cytoclip.widgets.layers import (apply_batch, create_labels_layer, drop_views, finish_layers, image_transform,
                      redraw_labels, show_confidence)
 from napari_cytoclip.widgets.legend_panel import LegendPanel
 from napari_cytoclip.models.import_checkpoint import RecentModels
 from napari_cytoclip.widgets.model_chooser import ModelChooser, is_checkpoint
-from napari_cytoclip.widgets.predict_steps import WORKER_NICE, prediction_steps  # noqa: F401 (public names)
+from napari_cytoclip.widgets.predict_steps import prediction_steps
 from napari_cytoclip.widgets.review_panel import ReviewPanel
 from napari_cytoclip.widgets.teach_panel import TeachPanel
 from napari_cytoclip.widgets.state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,

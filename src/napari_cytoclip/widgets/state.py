@@ -259,12 +259,12 @@ def restore_state(layer: Any) -> PredictionState:
     """
     from napari_cytoclip.inference.cache import expected_signature, jsonable, load_prediction
     from napari_cytoclip.inference.predict import check_signature
-    from napari_cytoclip.io.reader import _read_summary, prediction_bundle, resolve_source
+    from napari_cytoclip.io.reader import read_summary, prediction_bundle, resolve_source
     from napari_cytoclip.io.sections import open_section
 
     entry = layer.metadata[META_KEY]
     folder = Path(entry["prediction_folder"])
-    summary = _read_summary(folder)
+    summary = read_summary(folder)
     source = resolve_source(folder, str(summary.get("source") or ""))
     bundle = prediction_bundle(summary, folder)
     cache = Path(entry["cache"])

@@ -53,8 +53,8 @@ def teach_section(state: PredictionState, current: np.ndarray, decode: bool = Tr
     """
     from napari_cytoclip.errors import BundleError, CytoclipError
     from napari_cytoclip.io.safe_files import now_iso
-    from napari_cytoclip.teach.teaching import (decode_with_learner, examples_from_section, fit_learner,
-                                                load_teaching_set, prediction_features, taught_regions)
+    from napari_cytoclip.inference.taught_decode import decode_with_learner, prediction_features
+    from napari_cytoclip.teach.teaching import examples_from_section, fit_learner, load_teaching_set, taught_regions
 
     pred, model = state.prediction, state.model
     current = np.asarray(current)
@@ -390,7 +390,7 @@ class NewRegionDialog(QDialog):
     """Name, colour (a suggestion that differs from the others) and an optional description."""
 
     def __init__(self, parent: QWidget | None, colors: list[str]):
-        from napari_cytoclip.widgets.layers import auto_color
+        from napari_cytoclip.models.vocabularies import auto_color
 
         super().__init__(parent)
         self.setWindowTitle("New region")

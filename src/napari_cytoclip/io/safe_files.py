@@ -340,6 +340,18 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     return Path(path)
 
 
+def temp_folder_beside(folder: Path) -> Path:
+    """A new hidden temp folder next to ``folder`` (same file system, the user's umask), for building a
+    folder that is renamed into place when complete; :class:`OutputError` when the parent is not writable."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        share_mode(tmp, folder=True)
+    except OSError as exc:
+        raise OutputError(folder.parent, f"not writable ({exc.strerror or exc})") from None
+    return tmp
+
+
 @contextlib.contextmanager
 def new_output_folder(folder: str | Path, overwrite: bool = False, kind: str = "results") -> Iterator[Path]:
     """Build a results folder in a temp folder and move it into place when complete, with its marker.
@@ -349,12 +361,7 @@ def new_output_folder(folder: str | Path, overwrite: bool = False, kind: str = "
     """
     folder = Path(folder)
     check_output_folder(folder, overwrite)
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        share_mode(tmp, folder=True)
-    except OSError as exc:
-        raise OutputError(folder.parent, f"not writable ({exc.strerror})") from None
+    tmp = temp_folder_beside(folder)
     try:
         yield tmp
         mark_folder(tmp, kind)

@@ -348,18 +348,12 @@ def _new_bundle_folder(folder: Path, what: str = "model") -> Iterator[Path]:
     refused when ``folder`` exists, removed on any error."""
     import os
     import shutil
-    import tempfile
 
-    from napari_cytoclip.io.safe_files import share_mode
+    from napari_cytoclip.io.safe_files import temp_folder_beside
 
     if os.path.lexists(folder):
         raise BundleError(folder, f"already exists; choose a new folder for the {what}")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        share_mode(tmp, folder=True)
-    except OSError as exc:
-        raise OutputError(folder.parent, f"cannot create the model folder here ({exc.strerror or exc})") from None
+    tmp = temp_folder_beside(folder)
     try:
         yield tmp
         if os.path.lexists(folder):  # appeared while we wrote: never replaced

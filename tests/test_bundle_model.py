@@ -355,7 +355,8 @@ def test_shipped_architecture_builds_offline_with_imagenet_trunk(monkeypatch):
     """EfficientNet-Lite0 (ImageNet weights from a package) + MiniLM text tower (from a package): no hub."""
     import torch
 
-    from napari_cytoclip.models.architectures import MINILM_TEXT_TOWER, efficientnet_minilm, imagenet_efficientnet_lite0_state
+    from napari_cytoclip.models.architectures import (MINILM_TEXT_TOWER, efficientnet_minilm,
+                                                      imagenet_efficientnet_lite0_state)
     from napari_cytoclip.models.bundle import InputSpec, ModelBundle
     from napari_cytoclip.models.model import build_open_clip
     from napari_cytoclip.models.vocabularies import allen_mouse_regions

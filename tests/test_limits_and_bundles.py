@@ -20,8 +20,8 @@ import tifffile
 
 from helpers import tiny_bundle
 
-from napari_cytoclip.models.bundle import (BUNDLE_JSON, Region, bundle_from_json, default_bundle_path,
-                                    load_bundle, read_json, resolve_text_tower)
+from napari_cytoclip.models.bundle import (BUNDLE_JSON, Region, bundle_from_json, default_bundle_path, load_bundle,
+                                           read_json, resolve_text_tower)
 from napari_cytoclip.cli import main
 from napari_cytoclip.errors import BundleError, CacheMismatch, SectionError
 from napari_cytoclip.inference.grid import MAX_GRID_CELLS, PlanTooLarge, TileGrid

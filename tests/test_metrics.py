@@ -2,7 +2,7 @@
 import numpy as np
 
 from napari_cytoclip.teach.metrics import (confusion_matrix, plot_confusion, plot_f1_bars, precision_at_k,
-                                     scores_from_confusion, top_fraction_precision)
+                                           scores_from_confusion, top_fraction_precision)
 
 
 def test_confusion_and_scores_by_hand():

@@ -9,7 +9,8 @@ from typing import Any, Callable, Generator
 
 import numpy as np
 
-from napari_cytoclip.inference.aggregate import footprint_radius, labels_from_index, region_probabilities, similarity_grid, vote
+from napari_cytoclip.inference.aggregate import (footprint_radius, labels_from_index, region_probabilities,
+                                                 similarity_grid, vote)
 from napari_cytoclip.models.bundle import Region
 from napari_cytoclip.errors import Cancelled, CacheMismatch, SectionError
 from napari_cytoclip.inference.grid import TileGrid

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from napari_cytoclip.models.bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, check_architecture, default_bundle_path,
-                     load_bundle, resolve_text_tower)
+from napari_cytoclip.models.bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, check_architecture,
+                                           default_bundle_path, load_bundle, resolve_text_tower)
 from napari_cytoclip.inference.cputhreads import run_small
 from napari_cytoclip.errors import BundleError
 

@@ -26,9 +26,10 @@ from napari_cytoclip.inference.cache import jsonable
 from napari_cytoclip.errors import CacheMismatch, Cancelled, CytoclipError, OutputError
 from napari_cytoclip.inference.grid import TileGrid
 from napari_cytoclip.io.safe_files import now_iso, atomic_write_text, owned, read_marker, read_regular_bytes, recording
-from napari_cytoclip.outputs.prediction_folder import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV, write_fullres_labels,
-                      write_geojson_labels, write_grid_tiff)
-from napari_cytoclip.teach.pairs import PAIRS_CSV, PAIRS_JSONL, Pair, check_folder_geometry, geometry_record, write_pairs
+from napari_cytoclip.outputs.prediction_folder import (GEOJSON, LABELS_FULLRES_TIF, LABELS_TIF, REGIONS_CSV,
+                                                       write_fullres_labels, write_geojson_labels, write_grid_tiff)
+from napari_cytoclip.teach.pairs import (PAIRS_CSV, PAIRS_JSONL, Pair, check_folder_geometry, geometry_record,
+                                         write_pairs)
 from napari_cytoclip.models.bundle import InputSpec
 from napari_cytoclip.inference.predict import Prediction
 from napari_cytoclip.io.sections import Section

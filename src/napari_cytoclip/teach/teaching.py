@@ -2,12 +2,11 @@
 
 A :class:`TeachingSet` holds one row per taught cell (pooled image features, joint embedding,
 region id, source section, grid cell, painted or confirmed), the regions table (known and new
-regions), the sections it came from and per-section feature sums (for standardising). It is stored
+regions) and the sections it came from. It is stored
 as ``teaching.safetensors`` (numpy arrays) + ``teaching.json``; never pickled.
 
-:func:`fit_learner` fits :class:`TaughtLearner` (the research :class:`~napari_cytoclip.models.learner.Learner`
-plus, per class, whether it has a text prior, and the decoding settings) around the base model's
-text classifier; :func:`decode_with_learner` relabels a prediction from its cached features.
+:func:`fit_learner` fits :class:`~napari_cytoclip.models.taught.TaughtLearner` around the base model's text
+classifier; :func:`~napari_cytoclip.inference.taught_decode.decode_with_learner` relabels a prediction with it.
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ CONTEXT_CELLS = 2000                # unchanged cells kept per section as weak e
 CONTEXT_WEIGHT = 0.2                # their weight relative to painted/confirmed cells: without them a
                                     # single painted region has no counter-examples and floods the map
 DEFAULT_HYPER = {"l2": 0.1}         # chosen on the validation plates (benchmarks/teach.py, FINAL_HYPER)
-STATS_SAMPLE = 2000                 # slow path (no cached features): other cells read for the standardisation
+STATS_SAMPLE = 2000                 # slow path (no cached features): other cells read as context candidates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,9 +47,6 @@ class TeachingSet:
     source: np.ndarray                   # (n,) int64 index into ``sources``
     cell: np.ndarray                     # (n, 2) int32 grid cells (row, col)
     kind: np.ndarray                     # (n,) uint8 PAINTED / CONFIRMED / UNCHANGED
-    stat_sum: np.ndarray                 # (S, F) float64 sums of the features of each section's cells
-    stat_sq: np.ndarray                  # (S, F) float64 sums of squares
-    stat_n: np.ndarray                   # (S,) int64 cells summed
     regions: list[Region]
     sources: list[dict]                  # {"name", "hash", "time", "painted", "confirmed"}
     model: dict                          # base model {"name", "hash"} whose features these are
@@ -67,14 +63,6 @@ class TeachingSet:
         """Taught (painted or confirmed) cells per region id."""
         ids, n = np.unique(self.region[self.taught()], return_counts=True)
         return {int(i): int(k) for i, k in zip(ids, n)}
-
-    def standardisation(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and std of the features over every cell of the taught sections (as ``Learner.set_stats``)."""
-        n = max(int(self.stat_n.sum()), 1)
-        mean = self.stat_sum.sum(0) / n
-        std = np.sqrt(np.maximum(self.stat_sq.sum(0) / n - mean ** 2, 0.0))
-        std = np.maximum(std, 1e-3 * max(float(std.mean()), 1e-12) + 1e-6)
-        return mean.astype(np.float32), std.astype(np.float32)
 
     def extend(self, other: "TeachingSet", source: Any = None) -> "TeachingSet":
         """This set plus ``other``; a section (by hash) in both keeps ``other``'s examples only."""
@@ -94,8 +82,7 @@ class TeachingSet:
             region=cat(self.region[rows], other.region),
             source=cat(remap[self.source[rows]], other.source + len(keep_src)),
             cell=cat(self.cell[rows], other.cell), kind=cat(self.kind[rows], other.kind),
-            stat_sum=cat(self.stat_sum[keep_src], other.stat_sum), stat_sq=cat(self.stat_sq[keep_src], other.stat_sq),
-            stat_n=cat(self.stat_n[keep_src], other.stat_n), regions=regions,
+            regions=regions,
             sources=[self.sources[i] for i in keep_src] + list(other.sources), model=dict(self.model),
             feature_kind=self.feature_kind)
 
@@ -104,9 +91,7 @@ class TeachingSet:
         return {"features": np.ascontiguousarray(self.features, np.float16),
                 "joint": np.ascontiguousarray(self.joint, np.float16),
                 "region": np.asarray(self.region, np.int64), "source": np.asarray(self.source, np.int64),
-                "cell": np.ascontiguousarray(self.cell, np.int32), "kind": np.asarray(self.kind, np.uint8),
-                "stat_sum": np.asarray(self.stat_sum, np.float64), "stat_sq": np.asarray(self.stat_sq, np.float64),
-                "stat_n": np.asarray(self.stat_n, np.int64)}
+                "cell": np.ascontiguousarray(self.cell, np.int32), "kind": np.asarray(self.kind, np.uint8)}
 
     def description(self) -> dict:
         return {"format": TEACHING_FORMAT, "version": TEACHING_VERSION, "feature_kind": self.feature_kind,
@@ -152,19 +137,18 @@ def load_teaching_set(folder: str | Path, error: type[CytoclipError] = CytoclipE
     except (KeyError, TypeError, ValueError) as exc:
         raise error(meta_path, f"incomplete teaching description ({exc})") from None
     a = read_safetensors(arr_path, error)
-    need = ("features", "joint", "region", "source", "cell", "kind", "stat_sum", "stat_sq", "stat_n")
+    need = ("features", "joint", "region", "source", "cell", "kind")
     missing = [k for k in need if k not in a]
     if missing:
         raise error(arr_path, f"missing arrays {missing}")
     n, s = len(a["region"]), len(sources)
     shapes_ok = (a["features"].ndim == 2 and a["joint"].ndim == 2 and len(a["features"]) == n and len(a["joint"]) == n
                  and a["region"].ndim == 1 and a["source"].shape == (n,) and a["cell"].shape == (n, 2)
-                 and a["kind"].shape == (n,) and a["stat_sum"].shape == (s, a["features"].shape[1])
-                 and a["stat_sq"].shape == a["stat_sum"].shape and a["stat_n"].shape == (s,))
+                 and a["kind"].shape == (n,))
     if not shapes_ok:
         raise error(arr_path, "array shapes do not agree with each other or with the sections listed in "
                               f"{TEACHING_JSON}: the teaching set is damaged")
-    if not all(np.isfinite(a[k]).all() for k in ("features", "joint", "stat_sum", "stat_sq")):
+    if not all(np.isfinite(a[k]).all() for k in ("features", "joint")):
         raise error(arr_path, "holds non-finite numbers: the teaching set is damaged")
     unknown = sorted(set(np.unique(a["region"]).tolist()) - {r.id for r in regions})
     if unknown:
@@ -173,8 +157,7 @@ def load_teaching_set(folder: str | Path, error: type[CytoclipError] = CytoclipE
         raise error(arr_path, "examples point at sections that are not listed: the teaching set is damaged")
     return TeachingSet(features=a["features"], joint=a["joint"], region=a["region"].astype(np.int64),
                        source=a["source"].astype(np.int64), cell=a["cell"].astype(np.int32),
-                       kind=a["kind"].astype(np.uint8), stat_sum=a["stat_sum"], stat_sq=a["stat_sq"],
-                       stat_n=a["stat_n"].astype(np.int64), regions=regions, sources=sources, model=model,
+                       kind=a["kind"].astype(np.uint8), regions=regions, sources=sources, model=model,
                        feature_kind=str(meta.get("feature_kind", FEATURE_KIND)))
 
 
@@ -196,17 +179,18 @@ def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Regi
                           feature_kind: str = FEATURE_KIND, predicted: np.ndarray | None = None) -> TeachingSet:
     """The teaching set of one corrected section.
 
-    Painted cells: ``edited`` (grid shape) differs from ``prediction.labels`` and is non-zero; confirmed
-    cells: ``confirmed`` and labelled. Only encoded cells (those with features) are taught. ``features``
-    are rows of ``prediction.cells`` (all of them, or those in ``feature_rows``, which must include every
-    taught cell; the others only enter the standardisation). Unchanged cells become weak context
-    examples of their label, except cells of a region the user painted over (``predicted``: the labels
-    before painting, default ``prediction.labels``): painting part of a region says the rest of it may
-    be wrong too, and as context they would teach the old label right back.
+    Painted cells: ``edited`` (grid shape) differs from ``predicted`` (the labels before painting, default
+    ``prediction.labels``) and is non-zero; confirmed cells: ``confirmed`` and labelled. Only encoded cells
+    (those with features) are taught. ``features`` are rows of ``prediction.cells`` (all of them, or those
+    in ``feature_rows``, which must include every taught cell; the others are context candidates). Unchanged
+    cells become weak context
+    examples of their label, except cells of a region the user painted over: painting part of a region
+    says the rest of it may be wrong too, and as context they would teach the old label right back.
     """
     cells = np.asarray(prediction.cells)
     edited = np.asarray(edited)
-    painted = (edited != np.asarray(prediction.labels)) & (edited > 0)
+    before = np.asarray(prediction.labels if predicted is None else predicted)
+    painted = (edited != before) & (edited > 0)
     ok = (np.asarray(confirmed, bool) if confirmed is not None else np.zeros(edited.shape, bool)) & (edited > 0) & ~painted
     lab = edited[cells[:, 0], cells[:, 1]] if len(cells) else np.zeros(0, edited.dtype)
     kind = np.where(painted[cells[:, 0], cells[:, 1]], PAINTED, CONFIRMED).astype(np.uint8) if len(cells) \
@@ -216,7 +200,6 @@ def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Regi
     rows = np.arange(len(cells)) if feature_rows is None else np.asarray(feature_rows, np.int64)
     pos = np.full(len(cells), -1, np.int64)
     pos[rows] = np.arange(len(rows))
-    before = np.asarray(prediction.labels if predicted is None else predicted)
     over = np.unique(before[painted])
     context = np.setdiff1d(rows, taught)
     context = context[(lab[context] > 0) & ~np.isin(lab[context], over[over > 0])]
@@ -227,21 +210,18 @@ def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Regi
     taught = np.concatenate([taught, context])
     if (pos[taught] < 0).any():
         raise ValueError("features are missing for some taught cells")
-    feats = np.asarray(features, np.float16) if not isinstance(features, np.ndarray) or features.dtype != np.float16 \
-        else features
-    f64 = feats.astype(np.float64)
+    if not isinstance(features, np.ndarray):  # e.g. a zarr array: read it (only the taught rows are kept)
+        features = np.asarray(features)
     by_id = {r.id: r for r in regions}
     src = {"name": name, "hash": section_hash, "time": when, "painted": int((kind[taught] == PAINTED).sum()),
            "confirmed": int((kind[taught] == CONFIRMED).sum()), "unchanged_context": int(len(context)),
            "skipped_not_encoded": int(painted.sum() + ok.sum() - n_taught)}
     return TeachingSet(
-        features=np.ascontiguousarray(feats[pos[taught]]),
+        features=np.ascontiguousarray(features[pos[taught]], np.float16),
         joint=np.asarray(np.asarray(prediction.embeddings[taught]) if len(taught) else
                          np.zeros((0, prediction.embeddings.shape[1])), np.float16),
         region=lab[taught].astype(np.int64), source=np.zeros(len(taught), np.int64),
-        cell=cells[taught].astype(np.int32), kind=kind[taught], stat_sum=f64.sum(0)[None],
-        stat_sq=(f64 * f64).sum(0)[None], stat_n=np.array([len(f64)], np.int64),
-        regions=sorted(by_id.values(), key=lambda r: r.id),
+        cell=cells[taught].astype(np.int32), kind=kind[taught], regions=sorted(by_id.values(), key=lambda r: r.id),
         sources=[src], model=dict(model), feature_kind=feature_kind)
 
 
@@ -249,7 +229,7 @@ def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Regi
 # features of a prediction
 
 def stats_rows(n_cells: int, taught: np.ndarray, sample: int = STATS_SAMPLE) -> np.ndarray:
-    """Taught rows plus an even sample of the others (the slow path's standardisation)."""
+    """Taught rows plus an even sample of the others (the slow path's candidates for context cells)."""
     step = max(1, n_cells // max(sample, 1))
     return np.union1d(np.asarray(taught, np.int64), np.arange(0, n_cells, step))
 

@@ -27,7 +27,8 @@ import numpy as np
 from napari_cytoclip.models.bundle import ModelBundle, Region, load_bundle, save_bundle, validate_regions
 from napari_cytoclip.errors import CytoclipError, OutputError
 from napari_cytoclip.io.safe_files import atomic_write_text, atomic_write_with
-from napari_cytoclip.models.model import TEXT_TRUNK_PREFIX, build_open_clip, load_weights_into, pick_device, read_state_dict
+from napari_cytoclip.models.model import (TEXT_TRUNK_PREFIX, build_open_clip, load_weights_into, pick_device,
+                                          read_state_dict)
 from napari_cytoclip.teach.pairs import load_pair_images, read_pairs
 
 

@@ -142,6 +142,14 @@ def group(title: str, *widgets: QWidget) -> QGroupBox:
     return box
 
 
+def report_problem(label: QLabel, text: str, error: bool = True) -> None:
+    """Show ``text`` in a widget's status ``label`` (with a warning sign) and as a napari notification."""
+    from napari.utils.notifications import show_error, show_warning
+
+    label.setText(f"⚠ {text}")
+    (show_error if error else show_warning)(text)
+
+
 def status_label(text: str = "") -> QLabel:
     """A word-wrapped label that keeps the height its text needs (never squeezed and clipped)."""
     label = QLabel(text)

@@ -10,8 +10,8 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, ProgressBar, PushButton, SpinBox
 from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 
-from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, drive, group, guarded, message_of, prediction_layer_choices,
-                     status_label, widget_alive)
+from napari_cytoclip.widgets.common import (report_problem, LayerChoices, WorkerFailure, drive, group, guarded,
+                                            message_of, prediction_layer_choices, status_label, widget_alive)
 from napari_cytoclip.teach.safe_finetune import candidate_folder
 from napari_cytoclip.widgets.state import PredictionState, state_of
 
@@ -357,10 +357,7 @@ class ExportWidget(QWidget):
         return self._worker
 
     def _error(self, text: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.result.setText(f"⚠ {text}")
-        show_error(text)
+        report_problem(self.result, text)
 
 
 def _count_pairs(folder: Path) -> int:

@@ -15,20 +15,21 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 
-from napari_cytoclip.widgets.common import (LayerChoices, WorkerFailure, current_plane, drive, image_layer_choices, message_of,
-                     pixel_size_of, plane_text, section_for_layer, shipped_bundle_path, stack_shape, status_label,
-                     widget_alive)
+from napari_cytoclip.widgets.common import (report_problem, LayerChoices, WorkerFailure, current_plane, drive,
+                                            image_layer_choices, message_of, pixel_size_of, plane_text,
+                                            section_for_layer, shipped_bundle_path, stack_shape, status_label,
+                                            widget_alive)
 from napari_cytoclip.widgets.identify_panel import IdentifyPanel
-from napari_cytoclip.widgets.layers import (apply_batch, create_labels_layer, drop_views, finish_layers, image_transform,
-                     redraw_labels, show_confidence)
+from napari_cytoclip.widgets.layers import (apply_batch, create_labels_layer, drop_views, finish_layers,
+                                            image_transform, redraw_labels, show_confidence)
 from napari_cytoclip.widgets.legend_panel import LegendPanel
 from napari_cytoclip.models.import_checkpoint import RecentModels
 from napari_cytoclip.widgets.model_chooser import ModelChooser, is_checkpoint
 from napari_cytoclip.widgets.predict_steps import prediction_steps
 from napari_cytoclip.widgets.review_panel import ReviewPanel
 from napari_cytoclip.widgets.teach_panel import TeachPanel
-from napari_cytoclip.widgets.state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive, prediction_layers,
-                    state_of)
+from napari_cytoclip.widgets.state import (CANCELLED, COMPLETE, FAILED, RUNNING, PredictionState, layer_alive,
+                                           prediction_layers, state_of)
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 BATCH_SIZE = 64
@@ -579,16 +580,10 @@ class PredictWidget(QWidget):
 
     # ------------------------------------------------------------------ messages
     def _error(self, text: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(f"⚠ {text}")
-        show_error(text)
+        report_problem(self.status, text)
 
     def _warn(self, text: str) -> None:
-        from napari.utils.notifications import show_warning
-
-        self.status.setText(f"⚠ {text}")
-        show_warning(text)
+        report_problem(self.status, text, error=False)
 
     warn = _warn
 

@@ -8,7 +8,8 @@ from magicgui.widgets import ComboBox, Container, FloatSlider, LineEdit, PushBut
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
-from napari_cytoclip.widgets.common import LayerChoices, group, message_of, prediction_layer_choices, status_label
+from napari_cytoclip.widgets.common import (report_problem, LayerChoices, group, message_of, prediction_layer_choices,
+                                            status_label)
 from napari_cytoclip.widgets.layers import focus_cell, highlight_mask, query_layers, refresh_region_layers
 from napari_cytoclip.widgets.state import PredictionState, layer_alive, state_of
 
@@ -218,7 +219,4 @@ class QueryWidget(QWidget):
         return new
 
     def _error(self, text: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.summary.setText(f"⚠ {text}")
-        show_error(text)
+        report_problem(self.summary, text)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +25,8 @@ from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (QCheckBox, QColorDialog, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QGroupBox,
                             QHBoxLayout, QLineEdit, QPushButton, QVBoxLayout, QWidget)
 
-from napari_cytoclip.widgets.common import WorkerFailure, guarded, message_of, status_label, widget_alive
+from napari_cytoclip.widgets.common import (report_problem, WorkerFailure, guarded, message_of, status_label,
+                                            widget_alive)
 from napari_cytoclip.widgets.state import PredictionState, layer_alive
 
 UPDATE_DEBOUNCE_MS = 600  # after the last paint stroke, *Update after each stroke* waits this long
@@ -62,10 +63,8 @@ def teach_section(state: PredictionState, current: np.ndarray, decode: bool = Tr
     if not state.taught_mask(current)[pred.cells[:, 0], pred.cells[:, 1]].any():
         raise CytoclipError(None, "nothing to learn from yet: paint some cells (or confirm them in the review "
                                   "queue), then update")
-    # a baseline in which exactly the painted cells differ: examples_from_section compares with prediction.labels
-    base = replace(pred, labels=np.where(painted, 0, current).astype(np.uint16))
     source = pred.source or state.section.source or state.section.name
-    new = examples_from_section(base, current, state.regions, prediction_features(pred, model, state.section),
+    new = examples_from_section(pred, current, state.regions, prediction_features(pred, model, state.section),
                                 confirmed=state.reviewed, name=Path(str(source)).name,
                                 section_hash=state.section.content_hash(),
                                 model={"name": pred.model_name or state.bundle.name,
@@ -374,16 +373,10 @@ class TeachPanel(QGroupBox):
         self.undo_button.setEnabled(not busy and self._state is not None and self._state.undo_update is not None)
 
     def _warn(self, text: str) -> None:
-        from napari.utils.notifications import show_warning
-
-        self.status.setText(f"⚠ {text}")
-        show_warning(text)
+        report_problem(self.status, text, error=False)
 
     def _error(self, text: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(f"⚠ {text}")
-        show_error(text)
+        report_problem(self.status, text)
 
 
 class NewRegionDialog(QDialog):

@@ -35,11 +35,21 @@ def tiny_bundle(folder: str | Path, seed: int = 0, name: str = "tiny-cytoclip"):
     return save_bundle(bundle, model.state_dict(), folder)
 
 
-def allen_plate(n: int):
-    """The Allen plate numbered ``n`` (from the real data in /work/shared/data)."""
+def allen_plates(split: str | None = None):
+    """The real Allen plates (``../shared/data`` or ``$CYTOCLIP_DATA``); the test is skipped without them."""
+    import pytest
+
     from napari_cytoclip.teach import allen
 
-    for plate in allen.plates():
+    index = allen.default_data_dir() / "allen_ara_coronal_nissl_plates" / "plates_index.csv"
+    if not index.is_file():
+        pytest.skip(f"the real Allen plates ({index.parent}) are not there")
+    return allen.plates(split=split)
+
+
+def allen_plate(n: int):
+    """The Allen plate numbered ``n`` (see :func:`allen_plates`)."""
+    for plate in allen_plates():
         if plate.number == n:
             return plate
     raise KeyError(f"no usable Allen plate {n}")

@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from helpers import allen_plate, tiny_bundle
+from helpers import allen_plate, allen_plates, tiny_bundle
 
 from napari_cytoclip.models.bundle import BUNDLE_JSON, BUNDLE_WEIGHTS, load_bundle
 from napari_cytoclip.cli import main
@@ -129,9 +129,7 @@ def test_corrected_labels_leave_root_only_unlabelled():
 
 
 def test_plate_choice_never_uses_test_or_validation():
-    from napari_cytoclip.teach import allen
-
-    plates = allen.plates()
+    plates = allen_plates()
     start = loop.weak_subset(plates, 8)
     assert start and all(p.split == "train" for p in start)
     chosen = loop.pick_corrected_plates(plates, {p.number for p in start}, 10, seed=0)
@@ -174,9 +172,7 @@ def test_schedule_for_gives_the_step_budget():
 
 
 def test_validation_plates_are_disjoint_from_test_and_training_choices():
-    from napari_cytoclip.teach import allen
-
-    plates = allen.plates()
+    plates = allen_plates()
     val = loop.pick_eval_plates(plates, "val", None)
     test = loop.pick_eval_plates(plates, "test", None)
     assert val and all(p.number % 10 == 3 for p in val)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import allen_plate, tiny_bundle
+from helpers import allen_plate, allen_plates, tiny_bundle
 
 from napari_cytoclip.errors import CytoclipError, OutputError
 from napari_cytoclip.teach.evaluate import evaluate, evaluate_allen_split, pixel_confusion
@@ -94,6 +94,7 @@ def test_refuses_to_overwrite_report(model, report):
 
 
 def test_allen_split_and_overwrite(model, tmp_path):
+    allen_plates()  # skips without the real data
     out = tmp_path / "rep"
     rep = evaluate_allen_split(model, "test", out=out, plate_numbers=[40])
     assert rep["allen_split"] == "test" and rep["plates"] == [40]

@@ -206,6 +206,7 @@ def test_pick_best_takes_the_best_mean_validation_score():
 
 
 def test_test_split_refuses_before_a_validation_sweep(tmp_path):
+    allen_plates()  # skips without the real data
     tiny = tiny_bundle(tmp_path / "tiny").path
     args = loop.parse_args(["--split", "test", "--work", str(tmp_path / "work"), "--start-model", str(tiny),
                             "--ks", "1"])

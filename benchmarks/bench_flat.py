@@ -1,15 +1,16 @@
 """Flat images (JPEG, PNG, single-level TIFF): speed, label agreement and memory of the reading pyramid.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_flat.py speed [--plates 40 65 90] [--rounds 3]
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_flat.py agree [--plates 5 50 95 130]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_flat.py agree [--plates 5 50]     # default: every test plate
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_flat.py rss [--size 40960] [--crop 10240]
 
 ``speed``: per round and plate (interleaved), the bare encoder on the plate's pre-read, pre-normalised
 windows against ``predict_section`` on a freshly opened section (planning, the one-time pyramid build,
 reading, encoding and voting included); the build alone is timed on another fresh section.
-``agree``: on Allen *test* plates (reading only: a comparison, nothing is tuned), windows read through
-the pyramid vs at full resolution (``WindowReader(pyramid=False)``, what every flat image got before),
-both encoded: per-tile argmax and voted-label agreement, and pixel macro-F1 of both against the atlas labels.
+``agree``: on Allen *test* plates (reading only: a comparison, nothing is tuned), the windows prediction reads
+(``ResampledReader``) vs each window cut and resized at full resolution (``WindowReader(pyramid=False)``, what
+every flat image got before), both encoded: per-tile argmax and voted-label agreement, and pixel macro-F1 of
+both against the atlas labels.
 ``rss``: a flat (single-level, tiled JPEG) TIFF of the ``make_slide`` mosaic and its top-left crop, each
 predicted in a fresh process with a stub encoder at the model's 100 um grid; peak RSS (VmHWM) of each.
 Every figure is printed with the 1-minute load average.
@@ -28,6 +29,28 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+LINES: list[str] = []  # what this run printed, for --section
+
+
+def say(*parts, flush: bool = True) -> None:
+    """Print a line and keep it for the ``--section`` report."""
+    line = " ".join(str(p) for p in parts)
+    LINES.append(line)
+    print(line, flush=flush)
+
+
+def write_section(path: Path, what: str, command: str) -> None:
+    """Put this run's output between ``<!-- bench_flat_<what>:begin/end -->`` in ``path`` (atomically)."""
+    begin, end = f"<!-- bench_flat_{what}:begin -->", f"<!-- bench_flat_{what}:end -->"
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    block = "\n".join([f"    {command}", "", "```", *LINES, "```"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(head + begin + "\n" + block + "\n" + end + tail, encoding="utf-8")
+    tmp.replace(path)
 
 
 def load() -> float:
@@ -62,7 +85,8 @@ def speed(args) -> None:
         grid, cells, mask = plan_grid(s, model, args.stride_um)
         reader = WindowReader(s, model.input, mask.polarity, pyramid=False)  # the same windows for every path
         tensors[n] = [model.preprocess(reader.read(grid.centers(cells[i:i + 64]))) for i in range(0, len(cells), 64)]
-    model.encode_windows(np.zeros((64, 64, 64, 3), np.uint8))  # warm-up
+    model.encode_windows(np.zeros((64, 64, 64, 3), np.uint8))  # warm-up: the encoder and the vocabulary (text
+    model.region_embeddings()  # embeddings are memoised per model: a one-time cost, not per section)
     rows = []
     for r in range(args.rounds):
         for n in args.plates:
@@ -85,60 +109,64 @@ def speed(args) -> None:
                    "ratio": enc_s / e2e_s, "build_ms": build_s * 1e3, "levels": len(view.levels),
                    "load": [l0, enc_load, e2e_load]}
             rows.append(row)
-            print(f"round {r + 1} plate {n}: {tiles} tiles, encoder {row['encoder_tps']:.0f} tiles/s, end to end "
+            say(f"round {r + 1} plate {n}: {tiles} tiles, encoder {row['encoder_tps']:.0f} tiles/s, end to end "
                   f"{row['e2e_tps']:.0f} tiles/s, ratio {row['ratio']:.2f}, pyramid build {row['build_ms']:.0f} ms "
                   f"({row['levels']} levels), load {l0:.1f}/{enc_load:.1f}/{e2e_load:.1f}", flush=True)
     ratios = [x["ratio"] for x in rows]
     loads = [v for x in rows for v in x["load"]]
-    print(f"end to end / encoder, median (min-max) over {args.rounds} rounds x plates {args.plates}: {spread(ratios)}; "
+    say(f"end to end / encoder, median (min-max) over {args.rounds} rounds x plates {args.plates}: {spread(ratios)}; "
           f"pyramid build ms {spread([x['build_ms'] for x in rows])}; load {min(loads):.1f}-{max(loads):.1f} "
           f"on {os.cpu_count()} cores")
     lo, hi = min(ratios), max(ratios)
-    print("goal >= 0.9:", "met" if lo >= 0.9 else "not met" if hi < 0.9 else "unresolved on this machine")
+    say("goal >= 0.9:", "met" if lo >= 0.9 else "not met" if hi < 0.9 else "unresolved on this machine")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
 
 # ------------------------------------------------------------------------------------ agreement
 def agree(args) -> None:
-    from napari_cytoclip.teach.allen import IGNORED_LABELS
     from napari_cytoclip.inference.predict import decode_labels, plan_grid
+    from napari_cytoclip.inference.resampled import ResampledReader
     from napari_cytoclip.inference.windows import WindowReader
     from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.teach.allen import IGNORED_LABELS, plates
     from napari_cytoclip.teach.evaluate import pixel_confusion
 
     model = load_model(None, device="cpu")
     region_emb, ids = model.region_embeddings(), [r.id for r in model.regions]
     n_classes = max(max(ids), *IGNORED_LABELS) + 1
+    numbers = args.plates or [p.number for p in plates() if p.split == "test"]
     tot = {"tiles": 0, "argmax": 0, "voted": 0}
-    cms = {True: 0, False: 0}
-    for n in args.plates:
+    cms = {"full": 0, "resampled": 0}
+    say(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, precision "
+          f"{model.precision}; plates {numbers}", flush=True)
+    for n in numbers:
         plate = _plate(n)
         assert plate.split == "test", "agreement is checked on test plates (reading only)"
         s = plate.section()
         grid, cells, mask = plan_grid(s, model, args.stride_um)
+        centres = grid.centers(cells)
+        readers = {"full": WindowReader(s, model.input, mask.polarity, pyramid=False),  # every flat image before
+                   "resampled": ResampledReader(s, model.input, mask.polarity, centres)}  # what predict reads now
         out = {}
-        for pyr in (False, True):
-            s = plate.section()
-            reader = WindowReader(s, model.input, mask.polarity, pyramid=pyr)
-            if pyr:
-                print(f"  plans (level, downsample, crop px): {reader.plans}", flush=True)
-            emb = np.concatenate([model.encode_windows(reader.read(grid.centers(cells[i:i + 64])))
+        for name, reader in readers.items():
+            emb = np.concatenate([model.encode_windows(reader.read(centres[i:i + 64]))
                                   for i in range(0, len(cells), 64)])
             labels, _ = decode_labels(cells, emb, region_emb, ids, grid, model.bundle.label_um, model.logit_scale)
             cm = pixel_confusion(plate.label_map(), labels, grid, n_classes, IGNORED_LABELS)
-            cms[pyr] = cms[pyr] + cm
-            out[pyr] = ((emb @ region_emb.T).argmax(1), labels[cells[:, 0], cells[:, 1]], macro_f1(cm, ids))
-        a = int((out[True][0] == out[False][0]).sum())
-        v = int((out[True][1] == out[False][1]).sum())
+            cms[name] = cms[name] + cm
+            out[name] = ((emb @ region_emb.T).argmax(1), labels[cells[:, 0], cells[:, 1]], macro_f1(cm, ids))
+        a = int((out["full"][0] == out["resampled"][0]).sum())
+        v = int((out["full"][1] == out["resampled"][1]).sum())
         tot["tiles"] += len(cells)
         tot["argmax"] += a
         tot["voted"] += v
-        print(f"plate {n}: {len(cells)} tiles, argmax agreement {a / len(cells):.4%}, voted {v / len(cells):.4%}, "
-              f"macro-F1 full-res {out[False][2]:.4f} pyramid {out[True][2]:.4f}, load {load():.1f}", flush=True)
-    print(f"all {len(args.plates)} plates, {tot['tiles']} tiles: argmax agreement {tot['argmax'] / tot['tiles']:.4%}, "
+        say(f"plate {n}: {len(cells)} tiles, argmax agreement {a / len(cells):.4%}, voted {v / len(cells):.4%}, "
+              f"macro-F1 full-res {out['full'][2]:.4f} resampled {out['resampled'][2]:.4f}, load {load():.1f}",
+              flush=True)
+    say(f"all {len(numbers)} plates, {tot['tiles']} tiles: argmax agreement {tot['argmax'] / tot['tiles']:.4%}, "
           f"voted {tot['voted'] / tot['tiles']:.4%} (goal >= 99.5%); pooled pixel macro-F1 full-res "
-          f"{macro_f1(cms[False], ids):.4f}, pyramid {macro_f1(cms[True], ids):.4f}")
+          f"{macro_f1(cms['full'], ids):.4f}, resampled {macro_f1(cms['resampled'], ids):.4f}")
 
 
 def macro_f1(cm: np.ndarray, ids) -> float:
@@ -168,7 +196,7 @@ def write_flat(path: Path, size: int, pixel_um: float = 2.5, cell: int = 4096) -
                   tile=(TILE, TILE), photometric="rgb", compression="jpeg", compressionargs={"level": 85},
                   resolution=(per_cm, per_cm), resolutionunit="CENTIMETER", metadata=None)
     os.replace(tmp, path)
-    print(f"wrote {path} ({size} px, {path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s, "
+    say(f"wrote {path} ({size} px, {path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s, "
           f"load {load():.1f}", flush=True)
     return path
 
@@ -221,13 +249,13 @@ def rss(args) -> None:
                 raise RuntimeError(out.stderr[-3000:])
             m = json.loads(lines[-1])
             res[p.name].append(m)
-            print(f"round {r + 1} {m['path']}: {m['shape']} px, {m['tiles']} tiles, {m['levels']} levels "
+            say(f"round {r + 1} {m['path']}: {m['shape']} px, {m['tiles']} tiles, {m['levels']} levels "
                   f"({'zarr on disk' if m['pyramid_on_disk'] else 'in memory'}, built in {m['build_s']:.1f} s), "
                   f"peak RSS {m['peak_mb']:.0f} MB (after model {m['rss_after_model_mb']:.0f}), {m['total_s']:.0f} s, "
                   f"load {m['load']:.1f}", flush=True)
     big, small = ([m["peak_mb"] for m in res[p.name]] for p in paths)
     ratio = [a / b for a, b in zip(big, small)]
-    print(f"peak RSS {paths[0].name} {spread(big)} MB vs {paths[1].name} {spread(small)} MB: ratio {spread(ratio)} "
+    say(f"peak RSS {paths[0].name} {spread(big)} MB vs {paths[1].name} {spread(small)} MB: ratio {spread(ratio)} "
           f"(goal <= 1.10: {'met' if max(ratio) <= 1.1 else 'not met' if min(ratio) > 1.1 else 'unresolved'})")
 
 
@@ -243,8 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cytoclip-bench")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--min-resize", type=float, help="override sections.PYRAMID_MIN_RESIZE in this process")
+    ap.add_argument("--section", type=Path, help="README whose bench_flat_<what> section gets this run's output")
     args = ap.parse_args(argv)
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load {load():.1f}", flush=True)
+    if args.what != "rss-child":
+        say(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load {load():.1f}")
     if args.min_resize is not None:  # this benchmark process only: compare the margin's effect
         from napari_cytoclip.io import sections
 
@@ -253,13 +283,17 @@ def main(argv=None) -> int:
         args.plates = args.plates or [40, 65, 90]
         speed(args)
     elif args.what == "agree":
-        args.plates = args.plates or [5, 50, 95, 130]
         agree(args)
     elif args.what == "rss":
         args.rounds = min(args.rounds, 2) if args.rounds == 3 else args.rounds
         rss(args)
     else:
         print(json.dumps(rss_child(args.path, args.stride_um)))
+    if args.section and args.what != "rss-child":
+        command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_flat.py " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--section") and
+            a != str(args.section))
+        write_section(args.section, args.what, command)
     return 0
 
 

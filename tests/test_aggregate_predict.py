@@ -65,6 +65,26 @@ def test_vote_radius_zero_is_the_per_cell_argmax():
     assert (conf[index < 0] == 0).all()
 
 
+@pytest.mark.parametrize("label_um", [100.0, 300.0])
+def test_decode_labels_equals_probabilities_then_vote(label_um, monkeypatch):
+    """decode_labels skips the (n, regions) array for radius 0 and works in row blocks: same result as vote()."""
+    from napari_cytoclip.inference import predict
+    from napari_cytoclip.inference.grid import TileGrid
+
+    rng = np.random.default_rng(3)
+    grid = TileGrid.covering((700, 900), 1.0, 100.0)
+    rr, cc = np.nonzero(rng.random(grid.shape) < 0.7)
+    cells = np.stack([rr, cc], 1).astype(np.int32)
+    emb = unit_rows(rng, len(cells), 16).astype(np.float16)
+    regions = unit_rows(rng, 4, 16)
+    monkeypatch.setattr(predict, "DECODE_ROWS", 7)
+    labels, conf = predict.decode_labels(cells, emb, regions, [3, 5, 8, 9], grid, label_um, 30.0)
+    probs = region_probabilities(emb, regions, 30.0)
+    index, want_conf = vote(cells, probs, grid.shape, footprint_radius(label_um, grid.stride_um))
+    np.testing.assert_array_equal(labels, labels_from_index(index, [3, 5, 8, 9]))
+    np.testing.assert_allclose(conf, want_conf, rtol=1e-6)
+
+
 def test_vote_radius_one_averages_encoded_neighbours():
     # a 1 x 4 grid: cells 0, 1, 2 encoded, cell 3 background
     cells = np.array([[0, 0], [0, 1], [0, 2]])

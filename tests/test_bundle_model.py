@@ -402,3 +402,20 @@ def test_region_ids_integral_accepted_fractional_refused():
     for value in (4.5, True, None, float("nan"), "4.5", [4]):
         with pytest.raises(BundleError, match="integer 'id'"):
             region_from_dict({"id": value, "name": "x"}, "src")
+
+
+def test_preload_libraries_imports_what_load_model_needs_once():
+    """The widget preloads these in a thread worker when it opens (issue 15: no import stalls while predicting)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from napari_cytoclip.models.model import LIBRARIES, preload_libraries\n"
+            "assert 'torch' not in sys.modules and 'open_clip' not in sys.modules\n"
+            "first = preload_libraries()\n"
+            "assert all(name in sys.modules for name in LIBRARIES), first\n"
+            "assert preload_libraries() == []\n"
+            "print(sorted(first))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "open_clip" in out.stdout and "torch" in out.stdout

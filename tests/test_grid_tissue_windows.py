@@ -74,7 +74,7 @@ def test_grid_is_centred_and_tight(h, w, px, stride):
 def test_layer_transform_maps_cell_centres_onto_the_image(h, w, px, stride, scale, translate, cell):
     """A grid-shaped napari layer with layer_transform puts each cell's data point (its centre) on the
     world position of that cell's centre in the image layer (world = data * scale + translate)."""
-    grid = TileGrid.covering((h, w), px, stride, max_cells=10**9)  # geometry only: sub-pixel cells too
+    grid = TileGrid.covering((h, w), px, stride, max_cells=10**12)  # geometry only: sub-pixel cells too
     r, c = int(cell[0] * (grid.shape[0] - 1)), int(cell[1] * (grid.shape[1] - 1))
     tf = grid.layer_transform(scale, translate)
     centre_px = grid.centers(np.array([[r, c]]))[0]

@@ -145,7 +145,7 @@ def small_section():
 
 def test_features_come_from_the_same_forward_pass(shipped, small_section):
     from napari_cytoclip.inference.predict import predict_iter
-    from napari_cytoclip.inference.windows import WindowReader
+    from napari_cytoclip.inference.resampled import ResampledReader
     from napari_cytoclip.teach.features import tower_features
 
     gen = predict_iter(small_section, shipped, batch_size=16)
@@ -157,10 +157,29 @@ def test_features_come_from_the_same_forward_pass(shipped, small_section):
     assert pred.feature_kind == "pooled" and pred.features.dtype == np.float16
     assert pred.features.shape == (len(pred.cells), 1280)
     assert pred.signature["precision"] == "fp32" and pred.signature["features"] == "pooled"
-    reader = WindowReader(small_section, shipped.input, pred.polarity)
-    joint, pooled = tower_features(shipped, reader.read(pred.grid.centers(pred.cells[:5])))
+    centres = pred.grid.centers(pred.cells[:5])
+    joint, pooled = tower_features(shipped, ResampledReader(small_section, shipped.input, pred.polarity).read(centres))
     np.testing.assert_allclose(pred.features[:5].astype(np.float32), pooled, rtol=0.02, atol=0.02)
     np.testing.assert_allclose(pred.embeddings[:5].astype(np.float32), joint, atol=2e-3)
+
+
+def test_large_predictions_stream_embeddings_and_features_to_disk(shipped, small_section, monkeypatch):
+    """Above MEMORY_ROWS_BYTES the rows go to a temporary zarr store as they come (issue 15: memory does not
+    grow with the section); labels, embeddings and features are the same as in memory."""
+    from napari_cytoclip.inference import encode
+    from napari_cytoclip.inference.predict import predict_section
+
+    in_memory = predict_section(small_section, shipped, batch_size=16)
+    assert isinstance(in_memory.embeddings, np.ndarray) and isinstance(in_memory.features, np.ndarray)
+    monkeypatch.setattr(encode, "MEMORY_ROWS_BYTES", 1024)
+    streamed = predict_section(small_section, shipped, batch_size=16)
+    assert not isinstance(streamed.embeddings, np.ndarray) and not isinstance(streamed.features, np.ndarray)
+    np.testing.assert_array_equal(streamed.embeddings[:], in_memory.embeddings)
+    np.testing.assert_array_equal(streamed.features[:], in_memory.features)
+    np.testing.assert_array_equal(streamed.labels, in_memory.labels)
+    np.testing.assert_array_equal(streamed.confidence, in_memory.confidence)
+    sim = streamed.similarity(shipped.encode_texts(["striatum"])[0])
+    np.testing.assert_allclose(sim, in_memory.similarity(shipped.encode_texts(["striatum"])[0]), atol=1e-6)
 
 
 @pytest.mark.parametrize("large_cells", [10 ** 9, 0], ids=["npy", "zarr"])

@@ -491,6 +491,32 @@ def test_a_header_of_shared_tiles_is_refused_before_decoding_it(height, width, r
         section.close()
 
 
+def test_a_large_flat_image_gets_its_overview_when_the_file_holds_its_pixels(tmp_path, monkeypatch):
+    """Over MAX_THUMBNAIL_DECODE_BYTES, the overview is still decoded (tile by tile) when the file is a plausible
+    compression of that many pixels (a flat 40k export, issue 15); a forged header is refused (above)."""
+    import tifffile
+
+    from napari_cytoclip.io import sections
+    from napari_cytoclip.io.sections import open_section
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((1024, 1536, 3)) * 40 + np.linspace(100, 200, 1536)[None, :, None]).astype(np.uint8)
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), compression="jpeg", photometric="rgb")
+    monkeypatch.setattr(sections, "MAX_THUMBNAIL_DECODE_BYTES", 2 ** 20)  # 4.5 MB decoded is "large" here
+    section = open_section(path, pixel_size_um=1.0)
+    try:
+        thumb, factor = section.thumbnail(256)
+        assert thumb.shape == (171, 256) and factor == pytest.approx(6.0, rel=0.01)
+        assert section.thumbnail_raw(256) is section.thumbnail_raw(256)  # decoded once, kept
+        monkeypatch.setattr(sections, "MIN_BYTES_PER_DECODED", 1.0)  # as if the file were far too small
+        section.__dict__.pop("_thumbnails")
+        with pytest.raises(SectionError, match=r"flat\.tif: .*would decode.*MB file"):
+            section.thumbnail(256)
+    finally:
+        section.close()
+
+
 def test_cli_on_a_header_of_shared_tiles_says_one_line(capsys, tiny_dir, tmp_path):
     path = shared_blob_tiff(tmp_path / "crafted.tif", 80_000, 80_000)
     rc, out, err = run_cli(capsys, "predict", path, "--out", tmp_path / "out", "--model", tiny_dir,

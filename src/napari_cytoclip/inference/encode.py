@@ -3,7 +3,9 @@
 :func:`encode_cells` reads the windows of a list of grid cells batch by batch (reading prefetched in a
 background thread, so it overlaps with encoding) and encodes them; from the same forward pass it also
 returns the image tower's pooled features (:data:`~napari_cytoclip.models.model.POOLED`) when the model
-has them. :func:`row_store` gives the bounded-memory array those features are streamed into.
+has them. Windows come from :class:`~napari_cytoclip.inference.resampled.ResampledReader` (each scale
+resampled once, not every window on its own). :class:`RowWriter` streams embeddings and features into
+the bounded-memory arrays of :func:`row_store`.
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from napari_cytoclip.inference.grid import TileGrid
+from napari_cytoclip.inference.resampled import ResampledReader
 from napari_cytoclip.inference.windows import WindowReader
 from napari_cytoclip.io.sections import Section
 
-MEMORY_ROWS_BYTES = 256 * 2 ** 20  # a feature array larger than this is streamed to a temporary zarr store
+MEMORY_ROWS_BYTES = 64 * 2 ** 20  # rows (embeddings, features) larger than this stream to a temporary zarr store
 STORE_CHUNK_ROWS = 4096  # 10 MB of float16 at 1280-d
 
 
@@ -33,7 +36,7 @@ class EncodedBatch:
     start: int
     cells: np.ndarray                 # (b, 2) int32
     embeddings: np.ndarray            # (b, D) float32, L2-normalised
-    features: np.ndarray | None       # (b, F) float32, or None for models without a trunk/head split
+    features: np.ndarray | None       # (b, F) float16, or None for models without a trunk/head split
     encode_s: float
 
 
@@ -77,7 +80,7 @@ def encode_cells(section: Section, model: Any, grid: TileGrid, cells: np.ndarray
     stops reading at the next batch.
     """
     cells = np.asarray(cells, np.int32).reshape(-1, 2)
-    reader = WindowReader(section, model.input, polarity)
+    reader = ResampledReader(section, model.input, polarity, grid.centers(cells))
     batches = [cells[i:i + batch_size] for i in range(0, len(cells), batch_size)]
     capture = model.capturing_features() if features and hasattr(model, "capturing_features") else None
     start = 0
@@ -93,9 +96,10 @@ def encode_cells(section: Section, model: Any, grid: TileGrid, cells: np.ndarray
         start += len(emb)
 
 
-def row_store(rows: int, dim: int, dtype: Any = np.float16, max_bytes: int = MEMORY_ROWS_BYTES) -> Any:
-    """A zero-filled ``(rows, dim)`` array to stream rows into: numpy when it fits in ``max_bytes``, else a
-    zarr array in a temporary folder that is deleted with the array."""
+def row_store(rows: int, dim: int, dtype: Any = np.float16, max_bytes: int | None = None) -> Any:
+    """A zero-filled ``(rows, dim)`` array to stream rows into: numpy when it fits in ``max_bytes`` (default
+    :data:`MEMORY_ROWS_BYTES`), else a zarr array in a temporary folder that is deleted with the array."""
+    max_bytes = MEMORY_ROWS_BYTES if max_bytes is None else max_bytes
     if rows * dim * np.dtype(dtype).itemsize <= max_bytes:
         return np.zeros((rows, dim), dtype)
     import zarr
@@ -111,7 +115,7 @@ class RowWriter:
     """Rows written in order into a :func:`row_store` array; zarr stores get whole chunks only (no chunk is
     read back and rewritten for every batch)."""
 
-    def __init__(self, rows: int, dim: int, dtype: Any = np.float16, max_bytes: int = MEMORY_ROWS_BYTES):
+    def __init__(self, rows: int, dim: int, dtype: Any = np.float16, max_bytes: int | None = None):
         self.array = row_store(rows, dim, dtype, max_bytes)
         self._direct = isinstance(self.array, np.ndarray)
         self._buf = None if self._direct else np.zeros((STORE_CHUNK_ROWS, dim), dtype)

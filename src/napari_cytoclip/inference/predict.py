@@ -23,7 +23,8 @@ from napari_cytoclip.inference.windows import WindowReader
 
 MIN_TISSUE_FRACTION = 0.25
 MAX_PLAN_BYTES = 16 * 2 ** 30  # a run planning more memory than this is refused before any work
-DECODE_ROWS = 65536  # embeddings turned into probabilities at a time (16 MB of float32 at 256-d)
+DECODE_ROWS = 16384  # embeddings turned into probabilities at a time (16 MB of float32 at 256-d)
+PLAN_CELLS = 65536   # grid cells whose tissue fraction is measured at a time
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Prediction:
 
     grid: TileGrid
     cells: np.ndarray                 # (n, 2) int32 encoded cells (row, col)
-    embeddings: np.ndarray            # (n, D) float16, L2-normalised
+    embeddings: Any                   # (n, D) float16, L2-normalised (numpy, or zarr for a large section)
     regions: list[Region]
     labels: np.ndarray                # (rows, cols) uint16 region ids, 0 = no tissue / not encoded
     confidence: np.ndarray            # (rows, cols) float32 mean probability of the winner
@@ -78,12 +79,23 @@ class BatchResult:
 
 def decode_labels(cells, embeddings, region_embeddings, region_ids, grid, label_um, logit_scale):
     """Voted labels and confidence from tile embeddings (numpy or zarr). Probabilities are computed
-    :data:`DECODE_ROWS` rows at a time: no float32 copy of all the embeddings exists at once."""
-    probs = np.empty((len(embeddings), len(region_embeddings)), np.float32)
-    for i in range(0, len(embeddings), DECODE_ROWS):
-        probs[i:i + DECODE_ROWS] = region_probabilities(embeddings[i:i + DECODE_ROWS], region_embeddings,
-                                                        logit_scale)
-    index, conf = vote(cells, probs, grid.shape, footprint_radius(label_um, grid.stride_um))
+    :data:`DECODE_ROWS` rows at a time: no float32 copy of all the embeddings exists at once, and where
+    each window labels only its own cell (footprint radius 0) no ``(n, regions)`` array either."""
+    radius = footprint_radius(label_um, grid.stride_um)
+    cells = np.asarray(cells)
+    n = int(embeddings.shape[0])
+    probs = None if radius == 0 else np.empty((n, len(region_embeddings)), np.float32)
+    index = np.full(grid.shape, -1, np.int32)
+    conf = np.zeros(grid.shape, np.float32)
+    for i in range(0, n, DECODE_ROWS):
+        p = region_probabilities(embeddings[i:i + DECODE_ROWS], region_embeddings, logit_scale)
+        if probs is not None:
+            probs[i:i + DECODE_ROWS] = p
+        else:  # what vote() gives for radius 0: each cell's own probabilities
+            rows, cols = cells[i:i + DECODE_ROWS, 0], cells[i:i + DECODE_ROWS, 1]
+            index[rows, cols], conf[rows, cols] = p.argmax(1), p.max(1)
+    if probs is not None:
+        index, conf = vote(cells, probs, grid.shape, radius)
     return labels_from_index(index, region_ids), conf
 
 
@@ -117,11 +129,15 @@ def plan_grid(section: Section, model: CytoClip | ModelBundle, stride_um: float 
                            f"of {stride:g} um, i.e. {math.ceil(grid.step - 1e-9)} px at {grid.pixel_size_um:g} um/px")
     check_plan(section, model, grid, batch_size)
     mask = mask or tissue_mask(section, polarity)
-    centers = grid.centers()
-    frac = mask.fraction_in_cells(centers, grid.step)
-    rr, cc = np.indices(grid.shape)
-    keep = frac.reshape(grid.shape) >= MIN_TISSUE_FRACTION
-    cells = np.stack([rr[keep], cc[keep]], 1).astype(np.int32)
+    n_rows, n_cols = grid.shape
+    keep = np.empty(grid.shape, bool)
+    step = max(1, PLAN_CELLS // n_cols)
+    for r in range(0, n_rows, step):  # blocks of grid rows: no temporaries the size of a million-cell grid
+        rows = np.arange(r, min(n_rows, r + step))
+        block = np.stack(np.meshgrid(rows, np.arange(n_cols), indexing="ij"), -1).reshape(-1, 2)
+        keep[rows] = (mask.fraction_in_cells(grid.centers(block), grid.step) >= MIN_TISSUE_FRACTION
+                      ).reshape(len(rows), n_cols)
+    cells = np.argwhere(keep).astype(np.int32)
     if len(cells) == 0:
         warnings.warn(f"{source}: no tissue found on the {grid.shape[0]} x {grid.shape[1]} grid; the result is empty "
                       "(check the image and its polarity)", NoTissueWarning, stacklevel=2)
@@ -197,13 +213,13 @@ def predict_iter(section: Section, model: CytoClip, *, stride_um: float | None =
     t_plan = time.perf_counter() - t0
     region_emb = model.region_embeddings()
     region_ids = np.asarray([r.id for r in model.regions], np.uint16)
-    emb = np.zeros((len(cells), model.embed_dim), np.float16)
+    embeddings = RowWriter(len(cells), model.embed_dim)  # streamed to a temporary store on large sections
     features: RowWriter | None = None
     t_encode = 0.0
     for batch in encode_cells(section, model, grid, cells, polarity=mask.polarity, batch_size=batch_size):
         t_encode += batch.encode_s
         e, done = batch.embeddings, batch.start + len(batch.embeddings)
-        emb[batch.start:done] = e
+        embeddings.write(batch.start, e)
         if batch.features is not None:
             if features is None and batch.start == 0:
                 features = RowWriter(len(cells), batch.features.shape[1])
@@ -212,6 +228,7 @@ def predict_iter(section: Section, model: CytoClip, *, stride_um: float | None =
         probs = region_probabilities(e, region_emb, model.logit_scale)
         yield BatchResult(batch.cells, region_ids[probs.argmax(1)], probs.max(1), done, len(cells))
     region_ids = list(region_ids.tolist())
+    emb = embeddings.finish()
     labels, conf = decode_labels(cells, emb, region_emb, region_ids, grid, model.bundle.label_um, model.logit_scale)
     total = time.perf_counter() - t0
     identity = model.identity

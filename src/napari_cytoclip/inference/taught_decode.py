@@ -25,13 +25,14 @@ def prediction_features(prediction, model=None, section=None, rows: np.ndarray |
     if model is None or section is None:
         raise CytoclipError(prediction.source or None, "the prediction has no cached image features; "
                                                        "predict again with this version")
-    from napari_cytoclip.inference.windows import WindowReader
+    from napari_cytoclip.inference.resampled import ResampledReader
 
-    reader = WindowReader(section, model.input, prediction.polarity)
+    centers = prediction.grid.centers(np.asarray(prediction.cells)[idx])
+    reader = ResampledReader(section, model.input, prediction.polarity, centers)  # the windows prediction reads
     out = []
     with model.capturing_features() as capture:
         for i in range(0, len(idx), 128):
-            windows = reader.read(prediction.grid.centers(np.asarray(prediction.cells)[idx[i:i + 128]]))
+            windows = reader.read(centers[i:i + 128])
             model.encode_windows(windows)
             pooled = capture.take(len(windows))
             if pooled is None:

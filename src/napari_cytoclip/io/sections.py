@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -23,7 +24,8 @@ MAX_PIL_PIXELS = 30_000 * 30_000  # a PNG/JPEG larger than this should be a pyra
 PLAUSIBLE_PIXEL_UM = (0.05, 500.0)
 MIN_PIXEL_UM = 0.01  # 10 nm: far below the resolution of any light microscope
 SCREEN_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)  # defaults of image software, not a microscope's pixel size
-MAX_THUMBNAIL_DECODE_BYTES = 4 * 2 ** 30  # most pixel data decoded to build the low-resolution view
+MAX_THUMBNAIL_DECODE_BYTES = 4 * 2 ** 30  # pixel data decoded for the overview beyond which the file must be
+MIN_BYTES_PER_DECODED = 1 / 1000         # ... at least this compressed size per decoded byte (not a forged header)
 PYRAMID_MEMORY_BYTES = 2 ** 30  # a flat image larger than this (decoded) gets its reading pyramid on disk (zarr)
 PYRAMID_MIN_RESIZE = 4.0  # windows are cut from a built level at least this much finer than the model's pixels,
 #   so the levels' box filters add little (1/32 of its variance) to the resize's antialiasing filter: 2.0 flipped
@@ -170,22 +172,37 @@ class Section:
         return len(self.levels) - 1
 
     def thumbnail_raw(self, max_side: int = 1024) -> np.ndarray:
-        """A small raw-valued view of the section, strided down from the best level.
+        """A small raw-valued view of the section, strided down from the best level (kept: the tissue mask and the
+        content hash share it).
 
-        A lazily decoded level is read whole, so one larger than :data:`MAX_THUMBNAIL_DECODE_BYTES`
-        (a huge image without pyramid, or a header claiming far more pixels than the file holds) is refused.
+        A lazily decoded level is decoded tile by tile, all of it; one larger than :data:`MAX_THUMBNAIL_DECODE_BYTES`
+        from a file under :data:`MIN_BYTES_PER_DECODED` of that (a header claiming far more pixels than the file
+        holds) is refused.
         """
+        cached = self.__dict__.setdefault("_thumbnails", {})
+        if max_side in cached:
+            return cached[max_side]
         level = self.thumbnail_level(max_side)
         arr = self.levels[level]
         nbytes = float(np.prod([float(n) for n in arr.shape])) * np.dtype(arr.dtype).itemsize
-        if not isinstance(arr, np.ndarray) and nbytes > MAX_THUMBNAIL_DECODE_BYTES:
+        if not isinstance(arr, np.ndarray) and nbytes > MAX_THUMBNAIL_DECODE_BYTES and \
+                self._file_bytes() < nbytes * MIN_BYTES_PER_DECODED:
             h, w = arr.shape[:2]
             raise SectionError(self.source or self.name,
                                f"its smallest pyramid level ({h} x {w} px) would decode {nbytes / 2 ** 30:,.1f} GiB "
-                               f"to build an overview, over the limit of {MAX_THUMBNAIL_DECODE_BYTES // 2 ** 30} GiB; "
-                               "the file is damaged, or save it as a pyramidal TIFF")
+                               f"from a {self._file_bytes() / 2 ** 20:,.1f} MB file to build an overview (over "
+                               f"{MAX_THUMBNAIL_DECODE_BYTES // 2 ** 30} GiB at over {1 / MIN_BYTES_PER_DECODED:,.0f}x "
+                               "compression); the file is damaged, or save it as a pyramidal TIFF")
         stride = max(1, int(np.ceil(max(arr.shape[:2]) / max_side)))
-        return self._pixels(arr, np.s_[::stride, ::stride])
+        cached[max_side] = self._pixels(arr, np.s_[::stride, ::stride])  # lazy levels: decoded tile by tile
+        return cached[max_side]
+
+    def _file_bytes(self) -> float:
+        """Size of the source file (0 when there is none)."""
+        try:
+            return float(os.path.getsize(self.source)) if self.source else 0.0
+        except OSError:
+            return 0.0
 
     def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
         """``(gray float32 image in [0, 1], level-0 pixels per thumbnail pixel)``."""
@@ -202,7 +219,7 @@ class Section:
             h = hashlib.sha256()
             h.update(repr((self.shape, str(self.dtype), self.is_rgb)).encode())
             base = self.levels[0]
-            pixels = self._pixels(base, ...) if base.size <= 64_000_000 else self.thumbnail_raw(2048)
+            pixels = self._pixels(base, ...) if base.size <= 64_000_000 else self.thumbnail_raw()  # the mask's
             h.update(np.ascontiguousarray(pixels).tobytes())
             self._hash = h.hexdigest()[:16]
         return self._hash

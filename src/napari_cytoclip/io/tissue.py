@@ -47,19 +47,23 @@ class TissueMask:
     factor: float
     polarity: str
 
-    def fraction_in_cells(self, centers_px: np.ndarray, step_px: float) -> np.ndarray:
-        """Tissue fraction in the square of side ``step_px`` around each level-0 centre."""
+    def fraction_in_cells(self, centers_px: np.ndarray, step_px: float, chunk: int = 65536) -> np.ndarray:
+        """Tissue fraction in the square of side ``step_px`` around each level-0 centre, ``chunk``
+        centres at a time: a million-cell grid needs no million-long temporaries."""
         integral = np.pad(self.mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
         h, w = self.mask.shape
         half = step_px / 2 / self.factor
-        cy, cx = (centers_px[:, 0] + 0.5) / self.factor, (centers_px[:, 1] + 0.5) / self.factor
-        y0 = np.clip(np.floor(cy - half), 0, h).astype(int)
-        y1 = np.clip(np.ceil(cy + half), 0, h).astype(int)
-        x0 = np.clip(np.floor(cx - half), 0, w).astype(int)
-        x1 = np.clip(np.ceil(cx + half), 0, w).astype(int)
-        area = np.maximum((y1 - y0) * (x1 - x0), 1)
-        total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-        return total / area
+        out = np.empty(len(centers_px), np.float64)
+        for i in range(0, len(centers_px), chunk):
+            c = centers_px[i:i + chunk]
+            cy, cx = (c[:, 0] + 0.5) / self.factor, (c[:, 1] + 0.5) / self.factor
+            y0 = np.clip(np.floor(cy - half), 0, h).astype(int)
+            y1 = np.clip(np.ceil(cy + half), 0, h).astype(int)
+            x0 = np.clip(np.floor(cx - half), 0, w).astype(int)
+            x1 = np.clip(np.ceil(cx + half), 0, w).astype(int)
+            area = np.maximum((y1 - y0) * (x1 - x0), 1)
+            out[i:i + chunk] = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
+        return out
 
 
 def tissue_mask(section: Section, polarity: str | None = None, max_side: int = 1024) -> TissueMask:

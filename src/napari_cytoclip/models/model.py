@@ -224,6 +224,7 @@ class CytoClip:
         self._tokenizer = tokenizer
         self._text_cache: dict[str, np.ndarray] = {}
         self._capture = threading.local()  # per-thread feature capture (see capturing_features)
+        self._affine: tuple | None = None  # (scale, shift) tensors of preprocess, made on first use
         self.learner = None  # a taught bundle's TaughtLearner (set by load_model); used when labels are decoded
         model.eval()
         self.model = model.to(device)
@@ -256,13 +257,13 @@ class CytoClip:
         """uint8 ``(B, N, N, 3)`` windows to the normalised tensor the image tower takes."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.input.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.input.std, device=self.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self._affine is None:  # (x / 255 - mean) / std as one multiply-add
+            mean = torch.tensor(self.input.mean, device=self.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.input.std, device=self.device).view(1, 3, 1, 1)
+            self._affine = (1.0 / (255.0 * std), -mean / std)
+        scale, shift = self._affine
+        x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device).permute(0, 3, 1, 2)  # channels-last
+        x = x.float().mul_(scale).add_(shift)  # in place: stays channels-last, which the CPU path wants
         return x.to(self.image_dtype)
 
     @property
@@ -297,7 +298,7 @@ class CytoClip:
                 emb, pooled = self._forward(x, capture is not None)
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         if capture is not None and pooled is not None:
-            capture.append(pooled.float().cpu().numpy())
+            capture.append(pooled.to(torch.float16).cpu().numpy())  # what the cache stores
         return emb.cpu().numpy()
 
     def _forward(self, x: Any, pooled: bool) -> tuple[Any, Any]:
@@ -309,7 +310,7 @@ class CytoClip:
 
     def capturing_features(self) -> "_FeatureCapture":
         """Context (this thread only): :meth:`encode_windows` also keeps the pooled features of its forward
-        pass; ``take(n)`` returns those of the last ``n`` windows as float32 ``(n, F)``, or None."""
+        pass; ``take(n)`` returns those of the last ``n`` windows as float16 ``(n, F)``, or None."""
         return _FeatureCapture(self._capture)
 
     @property
@@ -343,6 +344,22 @@ class CytoClip:
             e = self.encode_texts(r.texts()).mean(0)
             out.append(e / max(np.linalg.norm(e), 1e-12))
         return np.stack(out).astype(np.float32)
+
+
+LIBRARIES = ("torch", "open_clip", "transformers", "safetensors.torch")  # what load_model imports
+
+
+def preload_libraries() -> list[str]:
+    """Import the libraries :func:`load_model` needs (seconds the first time, nothing after); returns the
+    names imported now. A GUI runs this in a background thread when it opens, so that the imports, which hold
+    the GIL for up to a few hundred ms at a time, are done before the first prediction instead of during it."""
+    import importlib
+    import sys
+
+    todo = [name for name in LIBRARIES if name not in sys.modules]
+    for name in todo:
+        importlib.import_module(name)
+    return todo
 
 
 def load_model(bundle: ModelBundle | str | Path | None = None, device: str = "auto",

@@ -144,6 +144,35 @@ class PredictWidget(QWidget):
         napari_viewer.dims.events.current_step.connect(self._refresh_plane)
         self._refresh_model_info()
         self._on_image_changed()
+        self._preload = self._start_preload()
+
+    def _start_preload(self):
+        """A warm start: the first time a widget opens in a process, import the model's libraries and load the
+        chosen model in a thread worker while the user sets up the run. Their imports hold the GIL in pieces
+        of up to a few hundred ms; during a prediction they would stall the viewer. None when nothing to do."""
+        import sys
+
+        from napari.qt.threading import create_worker
+
+        from napari_cytoclip.models.model import LIBRARIES
+
+        if all(name in sys.modules for name in LIBRARIES):
+            return None
+        try:
+            bundle = self.bundle()
+        except Exception:  # no usable model chosen yet: the libraries alone
+            bundle = None
+        device = str(self.device.value)
+        worker = create_worker(_warm_start, bundle, device, _start_thread=False, _ignore_errors=True)
+        if bundle is not None:
+            worker.returned.connect(partial(self._on_warm, (str(bundle.path), device)))
+        worker.finished.connect(partial(setattr, self, "_preload", None))
+        worker.start()
+        return worker
+
+    def _on_warm(self, key: tuple, model: Any) -> None:
+        if model is not None:
+            self._models.setdefault(key, model)
 
     # ------------------------------------------------------------------ model and inputs
     def model_folder(self) -> Path | None:
@@ -592,3 +621,11 @@ def _folder_value(value: Any) -> Path | None:
     """A FileEdit's folder, or None when it is empty."""
     text = "" if value is None else str(value).strip()
     return None if text in ("", ".") else Path(text)
+
+
+def _warm_start(bundle: Any, device: str) -> Any:
+    """The libraries, then ``bundle``'s model on ``device`` (None without a bundle); runs in a thread worker."""
+    from napari_cytoclip.models.model import load_model, preload_libraries
+
+    preload_libraries()
+    return None if bundle is None else load_model(bundle, device=device, precision="auto")

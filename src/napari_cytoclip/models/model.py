@@ -262,9 +262,14 @@ class CytoClip:
             std = torch.tensor(self.input.std, device=self.device).view(1, 3, 1, 1)
             self._affine = (1.0 / (255.0 * std), -mean / std)
         scale, shift = self._affine
-        x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device).permute(0, 3, 1, 2)  # channels-last
-        x = x.float().mul_(scale).add_(shift)  # in place: stays channels-last, which the CPU path wants
-        return x.to(self.image_dtype)
+        w = np.asarray(windows)
+        if not w.flags.writeable or min(w.strides, default=0) < 0:
+            w = np.array(w, order="C")  # a copy torch may own
+        # any layout in (a channel-planar reader's view too); one multiply-add in place, then one copy into the
+        # layout the image tower wants (channels-last on the CPU), interleaving there if the input was planar
+        x = torch.from_numpy(w).to(self.device).permute(0, 3, 1, 2).float().mul_(scale).add_(shift)
+        layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        return x.to(self.image_dtype, memory_format=layout)
 
     @property
     def feature_kind(self) -> str:

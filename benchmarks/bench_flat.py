@@ -43,14 +43,9 @@ def say(*parts, flush: bool = True) -> None:
 
 def write_section(path: Path, what: str, command: str) -> None:
     """Put this run's output between ``<!-- bench_flat_<what>:begin/end -->`` in ``path`` (atomically)."""
-    begin, end = f"<!-- bench_flat_{what}:begin -->", f"<!-- bench_flat_{what}:end -->"
-    text = path.read_text(encoding="utf-8")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    block = "\n".join([f"    {command}", "", "```", *LINES, "```"])
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(head + begin + "\n" + block + "\n" + end + tail, encoding="utf-8")
-    tmp.replace(path)
+    from napari_cytoclip.io.safe_files import write_between_markers
+
+    write_between_markers(path, f"bench_flat_{what}", "\n".join([f"    {command}", "", "```", *LINES, "```"]))
 
 
 def load() -> float:

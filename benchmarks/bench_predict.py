@@ -371,23 +371,18 @@ def report(r: dict) -> tuple[list[str], list[str]]:
 
 
 def write_section(path: Path, lines: list[str], goals: list[str], flat: bool = False) -> None:
-    """Replace the text between the markers (``bench_predict_flat`` ones for ``--flat``) and, for the pyramidal
-    slide, the goal rows of ``path`` (atomically)."""
-    begin, end = (BEGIN.replace("bench_predict", "bench_predict_flat"), END.replace("bench_predict", "bench_predict_flat")) \
-        if flat else (BEGIN, END)
-    text = path.read_text(encoding="utf-8")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    if flat:
-        goals = []
-    rows = head.split("\n")
-    for row in goals:
-        key = next(k for k in GOAL_KEYS if row.startswith(k))
-        rows = [row if line.startswith(key) else line for line in rows]
-    text = "\n".join(rows) + begin + "\n" + "\n".join(lines) + "\n" + end + tail
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Replace the goal rows above the section (pyramidal slide only) and the text between the
+    ``bench_predict`` markers (``bench_predict_flat`` for ``--flat``) of ``path``, each atomically."""
+    from napari_cytoclip.io.safe_files import atomic_write_text, write_between_markers
+
+    if goals and not flat:
+        head, rest = path.read_text(encoding="utf-8").split(BEGIN, 1)
+        rows = head.split("\n")
+        for row in goals:
+            key = next(k for k in GOAL_KEYS if row.startswith(k))
+            rows = [row if line.startswith(key) else line for line in rows]
+        atomic_write_text(path, "\n".join(rows) + BEGIN + rest)
+    write_between_markers(path, "bench_predict_flat" if flat else "bench_predict", "\n".join(lines))
 
 
 def main(argv=None) -> int:

@@ -58,12 +58,20 @@ def taps_matrix(index: np.ndarray, weight: np.ndarray, first: int, length: int) 
     return sparse.csr_matrix((weight.ravel(), (rows, (index - first).ravel())), shape=(n, length))
 
 
+def _within(rows: Any, cols: Any, box: tuple[int, int, int, int], size: int) -> Any:
+    """Whether ``size x size`` windows starting at model pixels ``(rows, cols)`` lie inside
+    ``box = (row0, row1, col0, col1)`` (arrays or scalars)."""
+    row0, row1, col0, col1 = box
+    return (rows >= row0) & (rows + size <= row1) & (cols >= col0) & (cols + size <= col1)
+
+
 class _ScaleImages:
     """The resampled images of one scale: one per (row phase, column phase), over target rows
     ``[row0, row1)`` and columns ``[col0, col1)`` (absolute model-pixel indices)."""
 
     def __init__(self, row0: int, row1: int, col0: int, col1: int, images: dict, size: int):
         self.row0, self.row1, self.col0, self.col1, self.images = row0, row1, col0, col1, images
+        self.box = (row0, row1, col0, col1)
         self._views = {p: np.lib.stride_tricks.sliding_window_view(im, (size, size), axis=(0, 1))
                        for p, im in images.items()}
 
@@ -86,13 +94,12 @@ class ResampledReader(WindowReader):
         self._ratio = [crop / spec.size for (_, _, crop) in self.plans]
         self._phases = [max(1, min(MAX_PHASES, PHASES_PER_RATIO * math.ceil(r - 1e-9))) for r in self._ratio]
         self._built: dict[int, _ScaleImages] = {}
-        self._extent: dict[int, tuple[int, int, int, int, set]] = {}
+        self._extent: dict[int, tuple[tuple[int, int, int, int], set]] = {}  # scale -> (box, phases) announced
         if centers_px is not None and len(centers_px):
             for k in range(len(self.plans)):
                 ry, py, rx, px = self._positions(np.asarray(centers_px, np.float64).reshape(-1, 2), k)
-                phases = set(zip(py.tolist(), px.tolist()))
-                self._extent[k] = (int(ry.min()), int(ry.max()) + self.spec.size,
-                                   int(rx.min()), int(rx.max()) + self.spec.size, phases)
+                box = (int(ry.min()), int(ry.max()) + self.spec.size, int(rx.min()), int(rx.max()) + self.spec.size)
+                self._extent[k] = (box, set(zip(py.tolist(), px.tolist())))
 
     # ------------------------------------------------------------------ window positions
     def _positions(self, centers_px: np.ndarray, scale: int) -> tuple[np.ndarray, ...]:
@@ -130,8 +137,7 @@ class ResampledReader(WindowReader):
             pending = np.flatnonzero(todo)
             top = pending[np.argmin(ry[pending])]
             built = self._images_for(scale, (ry[top], py[top], rx[top], px[top]), ry[pending], rx[pending])
-            inside = todo & (ry >= built.row0) & (ry + size <= built.row1) & (rx >= built.col0) & \
-                (rx + size <= built.col1)
+            inside = todo & _within(ry, rx, built.box, size)
             have = np.zeros(q * q, bool)
             have[[a * q + b for a, b in built.images]] = True
             inside &= have[code]
@@ -150,14 +156,13 @@ class ResampledReader(WindowReader):
         size = self.spec.size
         r0, a, c0, b = (int(v) for v in window)
         built = self._built.get(scale)
-        if built is not None and built.row0 <= r0 and r0 + size <= built.row1 and built.col0 <= c0 \
-                and c0 + size <= built.col1 and (a, b) in built.images:
+        if built is not None and (a, b) in built.images and _within(r0, c0, built.box, size):
             return built
         planned = self._extent.get(scale)
-        phases = set(planned[4]) if planned else set()
+        phases = set(planned[1]) if planned else set()
         phases.add((a, b))
-        if planned and planned[0] <= r0 and r0 + size <= planned[1] and planned[2] <= c0 and c0 + size <= planned[3]:
-            col0, col1, row_end = planned[2], planned[3], planned[1]
+        if planned and _within(r0, c0, planned[0], size):
+            row_end, col0, col1 = planned[0][1], planned[0][2], planned[0][3]
         else:  # a window outside the announced centres: just what the pending windows need
             col0, col1 = int(cols.min()), int(cols.max()) + size
             row_end = int(rows.max()) + size

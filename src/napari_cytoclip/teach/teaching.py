@@ -210,14 +210,12 @@ def examples_from_section(prediction, edited: np.ndarray, regions: Sequence[Regi
     taught = np.concatenate([taught, context])
     if (pos[taught] < 0).any():
         raise ValueError("features are missing for some taught cells")
-    if not isinstance(features, np.ndarray):  # e.g. a zarr array: read it (only the taught rows are kept)
-        features = np.asarray(features)
     by_id = {r.id: r for r in regions}
     src = {"name": name, "hash": section_hash, "time": when, "painted": int((kind[taught] == PAINTED).sum()),
            "confirmed": int((kind[taught] == CONFIRMED).sum()), "unchanged_context": int(len(context)),
            "skipped_not_encoded": int(painted.sum() + ok.sum() - n_taught)}
     return TeachingSet(
-        features=np.ascontiguousarray(features[pos[taught]], np.float16),
+        features=np.ascontiguousarray(features[pos[taught]], np.float16),  # numpy or zarr: only these rows read
         joint=np.asarray(np.asarray(prediction.embeddings[taught]) if len(taught) else
                          np.zeros((0, prediction.embeddings.shape[1])), np.float16),
         region=lab[taught].astype(np.int64), source=np.zeros(len(taught), np.int64),

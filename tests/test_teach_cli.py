@@ -217,3 +217,39 @@ def test_decode_never_overwrites_painted_cells(taught):
     again, conf2 = decode_with_learner(pred, model.learner, model, painted=painted, current=current)
     assert (again[painted] == 7).all() and (conf2[painted] == 1).all()
     assert (again[~painted & (labels > 0)] > 0).all()
+
+
+class _RowBlocksOnly:
+    """A lazy feature array that only gives row blocks (like a zarr array): reading it whole fails."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows, self.shape, self.dtype, self.reads = rows, rows.shape, rows.dtype, []
+
+    def __getitem__(self, key):
+        block = self.rows[key]
+        self.reads.append(len(block))
+        return block
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole feature array was read at once")
+
+
+def test_decode_reads_lazy_cached_features_block_by_block(taught, monkeypatch):
+    """Update map on a whole slide: cached (zarr) features are projected a block at a time, not read whole,
+    and give the same labels as in memory."""
+    from dataclasses import replace
+
+    from napari_cytoclip.inference.taught_decode import decode_with_learner
+    from napari_cytoclip.models import taught as taught_learner
+    from napari_cytoclip.models.model import load_model
+
+    model = load_model(taught["root"] / "taught", device="cpu")
+    pred = taught["pred"]
+    assert model.learner.basis is not None and isinstance(pred.features, np.ndarray)
+    labels, conf = decode_with_learner(pred, model.learner, model)
+    lazy = _RowBlocksOnly(pred.features)
+    monkeypatch.setattr(taught_learner, "PROJECT_ROWS", 100)  # small blocks, so that there are several
+    again, conf2 = decode_with_learner(replace(pred, features=lazy), model.learner, model)
+    assert len(lazy.reads) > 1 and max(lazy.reads) <= 100 and sum(lazy.reads) == len(pred.cells)
+    np.testing.assert_array_equal(again, labels)
+    np.testing.assert_allclose(conf2, conf, atol=1e-6)

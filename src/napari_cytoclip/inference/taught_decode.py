@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -15,13 +15,17 @@ from napari_cytoclip.models.learner import prior_logits, smooth
 from napari_cytoclip.models.taught import JOINT, TaughtLearner
 
 
-def prediction_features(prediction, model=None, section=None, rows: np.ndarray | None = None) -> np.ndarray:
-    """Pooled features of ``prediction.cells[rows]`` (all cells by default): from the cache
-    (``prediction.features``) when there, else read and encoded again (needs ``model`` and ``section``)."""
+def prediction_features(prediction, model=None, section=None, rows: np.ndarray | None = None) -> Any:
+    """Pooled float16 features of ``prediction.cells[rows]`` (all cells by default): from the cache
+    (``prediction.features``) when there, else read and encoded again (needs ``model`` and ``section``).
+
+    All cells of a cache come back as the cached array itself, which may be a lazy on-disk (zarr) array:
+    callers read it in blocks (:meth:`TaughtLearner.project`) or index the rows they need.
+    """
     cached = getattr(prediction, "features", None)
     idx = np.arange(len(prediction.cells)) if rows is None else np.asarray(rows, np.int64)
     if cached is not None:
-        return np.asarray(cached[:] if rows is None else np.asarray(cached)[idx], np.float16)
+        return cached if rows is None else np.asarray(cached[idx], np.float16)
     if model is None or section is None:
         raise CytoclipError(prediction.source or None, "the prediction has no cached image features; "
                                                        "predict again with this version")

@@ -26,6 +26,7 @@ DEFAULT_SELF_WEIGHT = 1.0
 BASIS_DIMS = 256                    # pooled features are projected on their top principal axes (chosen on val:
                                     # as accurate as all 1280 dims for new regions, kinder to known ones, and
                                     # fast enough for a one-second map update)
+PROJECT_ROWS = 32768                 # features projected this many rows at a time (a zarr cache is read in blocks)
 
 
 def read_safetensors(path: Path, error: type[CytoclipError]) -> dict[str, np.ndarray]:
@@ -49,16 +50,21 @@ class TaughtLearner(Learner):
     basis_mean: np.ndarray | None = None
     basis: np.ndarray | None = None
 
-    def project(self, features, rows: int = 32768) -> np.ndarray:
-        """``features`` ``(n, F)`` on the learner's axes ``(n, d)`` float32 (unchanged without a basis)."""
+    def project(self, features, rows: int | None = None) -> np.ndarray:
+        """``features`` ``(n, F)`` on the learner's axes ``(n, d)`` float32 (unchanged without a basis).
+
+        ``features`` may be a lazy on-disk (zarr) array: it is read ``rows`` (:data:`PROJECT_ROWS`) rows at a time.
+        """
+        rows = rows or PROJECT_ROWS
         if self.basis is None:
             return np.asarray(features, np.float32)
         import torch
 
         basis, mean = torch.from_numpy(self.basis), torch.from_numpy(self.basis_mean)
-        out = np.empty((len(features), basis.shape[1]), np.float32)
+        n = features.shape[0]
+        out = np.empty((n, basis.shape[1]), np.float32)
         with torch.inference_mode():
-            for i in range(0, len(features), rows):
+            for i in range(0, n, rows):
                 block = torch.from_numpy(np.asarray(features[i:i + rows], np.float32))
                 out[i:i + len(block)] = ((block - mean) @ basis).numpy()
         return out

@@ -220,8 +220,12 @@ def test_a_cache_of_another_precision_or_feature_kind_is_refused(tmp_path, other
 
 # ------------------------------------------------------------------------------ a good citizen
 def _process_state() -> dict:
+    import logging
+    import warnings
+
     import torch
     from PIL import Image
+    from transformers.utils import logging as hf_logging
 
     fresh: list = []
     t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
@@ -229,7 +233,10 @@ def _process_state() -> dict:
     t.join()
     return {"environ": dict(os.environ), "pil": Image.MAX_IMAGE_PIXELS, "torch_threads": torch.get_num_threads(),
             "fresh_thread_torch_threads": fresh[0],
-            "priority": os.getpriority(os.PRIO_PROCESS, threading.get_native_id())}
+            "priority": os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+            "root_log_level": logging.getLogger().level, "transformers_verbosity": hf_logging.get_verbosity(),
+            "transformers_progress_bars": hf_logging.is_progress_bar_enabled(),
+            "warning_filters": list(warnings.filters)}
 
 
 def test_prediction_and_query_leave_the_process_as_they_found_it(tmp_path):
@@ -237,14 +244,15 @@ def test_prediction_and_query_leave_the_process_as_they_found_it(tmp_path):
 
     from napari_cytoclip.inference.predict import predict_section
     from napari_cytoclip.io.sections import open_section
-    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.models.model import load_model, preload_libraries
     from napari_cytoclip.widgets.predict_steps import prediction_steps  # the widget's run, without Qt
     from napari_cytoclip.widgets.state import PredictionState
 
     rng = np.random.default_rng(1)
     Image.fromarray((rng.random((300, 300)) * 150).astype(np.uint8)).save(tmp_path / "section.png")
-    model = load_model(tiny_bundle(tmp_path / "tiny"), device="cpu", precision="fp32")
+    preload_libraries()
     before = _process_state()
+    model = load_model(tiny_bundle(tmp_path / "tiny"), device="cpu", precision="fp32")  # logging left alone
     section = open_section(tmp_path / "section.png", pixel_size_um=10.0)  # a PIL read
     pred = predict_section(section, model)
     sim = pred.similarity(model.encode_texts(["a brand new query text"])[0])

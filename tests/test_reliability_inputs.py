@@ -316,10 +316,6 @@ def _params(cases, which: str = "core"):
 
 
 def _apply(case: ImageCase, monkeypatch) -> None:
-    from PIL import Image
-
-    if case.patches:  # open_section sets PIL's global limit: restore it after the case
-        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     for module, name, value in case.patches:
         monkeypatch.setattr(f"{module}.{name}", value)
 
@@ -722,3 +718,30 @@ def test_reader_on_corrupted_tiff_headers(base, edits, cut, tmp_path_factory):
         assert section.pixel_size_um == PX
     finally:
         section.close()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_large_png_and_jpeg_open_without_changing_pils_limit(tmp_path, monkeypatch, suffix):
+    """Whole-section PNG/JPEG exports are often over PIL's decompression-bomb limit: they open (up to
+    MAX_PIL_PIXELS), and PIL's module-wide limit, which the rest of the process relies on, is never changed."""
+    from PIL import Image
+
+    path = tmp_path / f"section{suffix}"
+    Image.fromarray(np.full((100, 200, 3), 200, np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the image is 20x PIL's limit
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    section = open_section(path, pixel_size_um=PX)
+    assert section.shape == (100, 200) and Image.MAX_IMAGE_PIXELS == 1000
+    section.close()
+
+
+def test_other_formats_over_pils_limit_are_refused_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "section.bmp"
+    Image.fromarray(np.full((100, 200, 3), 200, np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(CytoclipError) as info:
+        open_section(path, pixel_size_um=PX)
+    assert_one_line_error(info.value, path, r"decompression-bomb limit")

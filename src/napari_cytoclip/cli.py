@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -519,6 +519,28 @@ COMMANDS = {"predict": cmd_predict, "train": cmd_train, "evaluate": cmd_evaluate
             "teach": cmd_teach, "import-model": cmd_import_model}
 
 
+def _quiet_libraries() -> Callable[[], None]:
+    """The command line owns its process: open_clip's and transformers' model-loading chatter (root-logger
+    warnings about weights loaded later, load reports, progress bars) is not shown while a command runs.
+    Returns what puts the logging back. (The plugin shares napari's process and never does this.)"""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger()
+    before = (root.level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    root.setLevel(max(root.level, logging.ERROR))
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        root.setLevel(before[0])
+        hf_logging.set_verbosity(before[1])
+        if before[2]:
+            hf_logging.enable_progress_bar()
+    return restore
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
@@ -535,9 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
-    old_showwarning = warnings.showwarning
+    old_showwarning, restore_logging = warnings.showwarning, None
     if not debug:
         warnings.showwarning = _show_warning
+        restore_logging = _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except (CytoclipError, OSError, ValueError, MemoryError, RecursionError) as exc:
@@ -550,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = old_showwarning
+        if restore_logging is not None:
+            restore_logging()
 
 
 if __name__ == "__main__":  # pragma: no cover

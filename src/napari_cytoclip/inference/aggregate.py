@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
@@ -25,9 +24,10 @@ def float32_blocks(embeddings, rows: int = 4096, read_rows: int = 16384):
         chunk = np.asarray(embeddings[j:j + read_rows])
         if chunk.dtype not in (np.float16, np.float32):
             chunk = chunk.astype(np.float32)
-        with warnings.catch_warnings():  # read-only arrays (memory maps) are only read here
-            warnings.simplefilter("ignore", UserWarning)
-            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        chunk = np.ascontiguousarray(chunk)
+        if not chunk.flags.writeable:  # a read-only memory map: torch wraps only writeable memory (one chunk copied)
+            chunk = chunk.copy()
+        chunk = torch.from_numpy(chunk)
         for i in range(0, len(chunk), rows):
             block = chunk[i:i + rows]
             out = buf[:len(block)]

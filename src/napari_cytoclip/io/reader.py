@@ -89,9 +89,7 @@ def _claims(path: str | Path) -> bool:
     if not p.name.lower().endswith(SUFFIXES) or not p.is_file():
         return False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            section = open_section(p)
+        section = open_section(p, notes=[])
     except SectionError:
         return False
     except Exception:  # a file other readers may understand
@@ -111,19 +109,18 @@ def read_sections(path: str | list[str]) -> list[tuple[Any, dict, str]]:
 
 
 def section_layer_data(path: str | Path) -> tuple[Any, dict, str]:
-    from napari_cytoclip.io.sections import PixelSizeWarning, open_section
+    from napari_cytoclip.io.sections import open_section
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PixelSizeWarning)
-        section = open_section(path)
+    notes: list[str] = []
+    section = open_section(path, notes=notes)
     levels = list(section.levels)
     if len(levels) == 1 and max(levels[0].shape[:2]) > PYRAMID_ABOVE:
         levels = _with_overviews(levels[0])
     px = section.pixel_size_um
     metadata = {"pixel_size_um": px, "source": str(path), "pyramid_levels": len(section.levels),
                 "pixel_size_known": px is not None}
-    if caught:
-        metadata["warnings"] = [str(w.message) for w in caught]
+    if notes:
+        metadata["warnings"] = notes
     kwargs: dict = {"name": section.name, "metadata": metadata, "rgb": section.is_rgb,
                     "multiscale": len(levels) > 1, "scale": (px, px) if px else (1.0, 1.0)}
     if section.dtype.kind == "u" and section.dtype.itemsize == 1:

@@ -327,8 +327,16 @@ def _mean2x2(block: np.ndarray) -> np.ndarray:
     return mean.astype(block.dtype)
 
 
-def check_pixel_size(value: float, source: str | None) -> float:
-    """Refuse impossible pixel sizes and warn on implausible ones."""
+def _note(text: str, notes: list[str] | None, stacklevel: int) -> None:
+    """A pixel-size warning: appended to ``notes`` when the caller shows them itself, else issued."""
+    if notes is None:
+        warnings.warn(text, PixelSizeWarning, stacklevel=stacklevel + 1)
+    else:
+        notes.append(text)
+
+
+def check_pixel_size(value: float, source: str | None, notes: list[str] | None = None) -> float:
+    """Refuse impossible pixel sizes and warn on implausible ones (into ``notes`` if given)."""
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -342,8 +350,7 @@ def check_pixel_size(value: float, source: str | None) -> float:
         raise SectionError(source, f"pixel size {value} um is impossibly small for a light microscope "
                                    f"(under {MIN_PIXEL_UM} um per pixel)")
     if not lo <= value <= hi:
-        warnings.warn(f"{source}: pixel size {value} um is outside the usual {lo}-{hi} um range; "
-                      "check it", PixelSizeWarning, stacklevel=3)
+        _note(f"{source}: pixel size {value} um is outside the usual {lo}-{hi} um range; check it", notes, 3)
     return value
 
 
@@ -384,8 +391,13 @@ def _pick_plane(arr: Any, n_lead: int, source: str, plane: int | None) -> Any:
     return arr[tuple(int(i) for i in np.unravel_index(plane, lead))]
 
 
-def open_section(path: str | Path, pixel_size_um: float | None = None, plane: int | None = None) -> Section:
-    """Open a section file lazily. ``pixel_size_um`` overrides what the file says (even a wrong value there)."""
+def open_section(path: str | Path, pixel_size_um: float | None = None, plane: int | None = None,
+                 notes: list[str] | None = None) -> Section:
+    """Open a section file lazily. ``pixel_size_um`` overrides what the file says (even a wrong value there).
+
+    Pixel-size warnings (none stated, implausible) are issued as :class:`PixelSizeWarning`, or appended to
+    ``notes`` when given: a GUI shows them itself without touching the process's warning filters.
+    """
     path = Path(path)
     if not path.exists():
         raise SectionError(path, "no such file")
@@ -402,42 +414,39 @@ def open_section(path: str | Path, pixel_size_um: float | None = None, plane: in
         raise SectionError(path, f"unsupported file type '{suffix}' (use TIFF, OME-TIFF, SVS, PNG or JPEG)")
     try:
         if pixel_size_um is not None:
-            section.pixel_size_um = check_pixel_size(pixel_size_um, str(path))
+            section.pixel_size_um = check_pixel_size(pixel_size_um, str(path), notes)
         elif stated is not None:
             try:
-                section.pixel_size_um = check_pixel_size(stated, str(path))
+                section.pixel_size_um = check_pixel_size(stated, str(path), notes)
             except SectionError as exc:
                 raise SectionError(path, f"{exc.problem}, as the file states it; give the right pixel size "
                                          "(--pixel-size / pixel_size_um=)") from None
         else:
-            warnings.warn(f"{path}: the file does not state its pixel size (screen resolutions such as 72 dpi "
-                          "are ignored); give it in micrometres "
-                          "(--pixel-size) or tiles will have the wrong physical size", PixelSizeWarning, stacklevel=2)
+            _note(f"{path}: the file does not state its pixel size (screen resolutions such as 72 dpi are ignored); "
+                  "give it in micrometres (--pixel-size) or tiles will have the wrong physical size", notes, 2)
     except BaseException:
         section.close()
         raise
     return section
 
 
-_PIL_LIMIT_LOCK = threading.Lock()
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 
-@contextlib.contextmanager
-def _pil_pixel_limit(pixels: int) -> Iterator[None]:
-    """PIL's decompression-bomb limit at ``pixels`` for this block only (our own reads), then as it was.
+def _pil_image(path: Path) -> Any:
+    """The file opened by PIL (header only). PNG and JPEG, where whole-section images over PIL's own
+    decompression-bomb limit (about 89 Mpx) are common, open through their PIL plugin classes, which have
+    no such limit: :data:`MAX_PIL_PIXELS` is checked instead. PIL's module-wide limit is never changed
+    (other code in the process, napari's included, relies on it). Other formats keep PIL's limit."""
+    from PIL import Image, JpegImagePlugin, PngImagePlugin
 
-    PIL has no per-call limit and checks it in many places (open, GIF frames...), so the module value is
-    set for the block, under a lock that keeps our reads from restoring each other's values.
-    """
-    from PIL import Image
-
-    with _PIL_LIMIT_LOCK:
-        before = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None if before is None else max(before, pixels)
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = before
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(PNG_MAGIC):
+        return PngImagePlugin.PngImageFile(str(path))
+    if head.startswith(JPEG_MAGIC):
+        return JpegImagePlugin.JpegImageFile(str(path))
+    return Image.open(path)
 
 
 def _open_pil(path: Path, plane: int | None) -> tuple[Section, float | None]:
@@ -445,30 +454,28 @@ def _open_pil(path: Path, plane: int | None) -> tuple[Section, float | None]:
     from PIL import Image
 
     try:
-        with _pil_pixel_limit(MAX_PIL_PIXELS), warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIL_PIXELS:
-                    raise SectionError(path, f"the image is larger than {MAX_PIL_PIXELS} pixels "
-                                             f"({im.width} x {im.height}); convert it to a pyramidal TIFF")
-                n_frames = getattr(im, "n_frames", 1)
-                if n_frames > 1 and plane is None:
-                    raise SectionError(path, f"the image has {n_frames} frames; choose one with --plane")
-                if plane is not None and not 0 <= plane < n_frames:
-                    raise SectionError(path, f"frame {plane} is out of range: the image has {n_frames} "
-                                             f"frame{'s' if n_frames > 1 else ''} (--plane counts from 0)")
-                if plane:
-                    im.seek(plane)
-                if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "1"):
-                    im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
-                    if im.mode == "RGBA" and im.getextrema()[3][0] == 255:
-                        im = im.convert("RGB")
-                data = np.asarray(im)
-                dpi = im.info.get("dpi")
+        with _pil_image(path) as im:
+            if im.width * im.height > MAX_PIL_PIXELS:
+                raise SectionError(path, f"the image is larger than {MAX_PIL_PIXELS} pixels "
+                                         f"({im.width} x {im.height}); convert it to a pyramidal TIFF")
+            n_frames = getattr(im, "n_frames", 1)
+            if n_frames > 1 and plane is None:
+                raise SectionError(path, f"the image has {n_frames} frames; choose one with --plane")
+            if plane is not None and not 0 <= plane < n_frames:
+                raise SectionError(path, f"frame {plane} is out of range: the image has {n_frames} "
+                                         f"frame{'s' if n_frames > 1 else ''} (--plane counts from 0)")
+            if plane:
+                im.seek(plane)
+            if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "1"):
+                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+                if im.mode == "RGBA" and im.getextrema()[3][0] == 255:
+                    im = im.convert("RGB")
+            data = np.asarray(im)
+            dpi = im.info.get("dpi")
     except SectionError:
         raise
     except Image.DecompressionBombError:
-        raise SectionError(path, f"the image is larger than {MAX_PIL_PIXELS} pixels; "
+        raise SectionError(path, "the image is larger than PIL's decompression-bomb limit for this format; "
                                  "convert it to a pyramidal TIFF") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise SectionError(path, f"not a readable image ({exc})") from None

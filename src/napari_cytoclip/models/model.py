@@ -102,7 +102,6 @@ def build_open_clip(bundle: ModelBundle, load_text_weights: bool = True):
     """The open_clip model and tokenizer a bundle names, with random or package text weights."""
     import open_clip
 
-    _quiet_libraries()
     source = bundle.path or bundle.name
     arch = bundle.architecture
     try:
@@ -151,20 +150,6 @@ def _probe_text_config(text_dir: Path, source: Any) -> None:
     except Exception as exc:
         raise BundleError(source, f"the text tower in {text_dir} cannot be read without running its code "
                                   f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-
-
-def _quiet_libraries() -> None:
-    """open_clip and transformers log loading chatter that users need not see."""
-    import logging
-
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover
-        pass
 
 
 def read_state_dict(path: str | Path) -> dict:

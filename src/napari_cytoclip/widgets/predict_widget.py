@@ -6,7 +6,6 @@ The panels below the run controls live in their own modules: the legend and pain
 """
 from __future__ import annotations
 
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Generator
@@ -274,11 +273,10 @@ class PredictWidget(QWidget):
             px = float(self.pixel_size.value)
             if not px > 0:
                 raise ValueError(f"set the pixel size of '{layer.name}' in micrometres per pixel")
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                check_pixel_size(px, layer.name)
-            for w in caught:
-                self._warn(str(w.message))
+            notes: list[str] = []
+            check_pixel_size(px, layer.name, notes)
+            for note in notes:
+                self._warn(note)
             bundle = self.bundle()
             stride = float(self.stride.value) or float(bundle.stride_um)
             plane = current_plane(layer, self.viewer)

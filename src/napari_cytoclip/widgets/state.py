@@ -270,9 +270,7 @@ def restore_state(layer: Any) -> PredictionState:
     cache = Path(entry["cache"])
     prediction = load_prediction(cache)
     grid = prediction.grid
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the pixel size comes from the prediction, not the file
-        section = open_section(source, pixel_size_um=grid.pixel_size_um)
+    section = open_section(source, pixel_size_um=grid.pixel_size_um, notes=[])  # the prediction's pixel size
     check_signature(prediction, jsonable(expected_signature(section, bundle, grid)), str(cache))
     scale = np.asarray(layer.scale[-2:], np.float64) / grid.step
     translate = np.asarray(layer.translate[-2:], np.float64) - np.asarray(grid.origin) * scale

@@ -10,7 +10,8 @@ the same as pressing Run). Reported: gaps while idle (baseline), while the worke
 and while it classifies tiles (the Labels layer updated batch by batch), and the time spent in the
 widget's main-thread handlers (``_on_yielded`` per batch, ``_redraw`` at most every ``REDRAW_MS``,
 the end-of-run steps), and for each stall (a gap over 100 ms) the handlers that ran during it
-("other": a canvas redraw, other Qt events, or the GIL held by a worker thread). ``--rerun``
+("other": a canvas redraw, other Qt events, or the GIL held by a worker thread) and the single calls
+known to hold the GIL that overlapped it (garbage-collector passes, C-extension initialisation). ``--rerun``
 predicts a second time with the model the widget cached. ``--plate N`` predicts Allen plate N.
 """
 from __future__ import annotations
@@ -26,6 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PLUGIN = "napari-cytoclip"
+LINES: list[str] = []  # the report, for --section
+
+
+def say(*parts) -> None:
+    """Print a report line and keep it for ``--section``."""
+    line = " ".join(str(p) for p in parts)
+    print(line, flush=True)
+    LINES.append(line)
 
 
 def main(argv=None) -> int:
@@ -36,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=1800.0)
     ap.add_argument("--rerun", action="store_true",
                     help="then predict again with the model the widget has cached (the 'rerun' phase)")
+    ap.add_argument("--section", type=Path, help="README whose bench_ui section gets this run's report")
     args = ap.parse_args(argv)
 
     import fastpaths
@@ -58,6 +68,7 @@ def main(argv=None) -> int:
                                  name=f"plate {plate.number}", scale=(plate.um_per_px,) * 2,
                                  metadata={"pixel_size_um": plate.um_per_px, "source": str(plate.image)})
     app = QApplication.instance()
+    events = watch_gil_holders()
     phase = {"name": "opening the widget"}
     gaps: dict[str, list[float]] = {"opening the widget": [], "warm start": [], "idle": [],
                                     "loading model": [], "classifying": [], "finishing": [],
@@ -140,23 +151,23 @@ def main(argv=None) -> int:
     timer.stop()
     ok = state.complete
     pred = state.prediction
-    print()
-    print(f"Prediction in the widget's thread worker: {'complete' if ok else 'NOT complete: ' + widget.status.text()}, "
+    say(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    say(f"Prediction in the widget's thread worker: {'complete' if ok else 'NOT complete: ' + widget.status.text()}, "
           f"{len(pred.cells) if pred else 0} tiles at {args.stride_um:g} um in {elapsed:.1f} s "
           f"({pred.timings.get('tiles_per_s', 0):.0f} tiles/s)" if pred else "")
-    print(f"{'main-thread heartbeat (10 ms)':<30}{'beats':>7}{'median ms':>11}{'p99 ms':>9}{'max ms':>9}{'>100 ms':>9}")
+    say(f"{'main-thread heartbeat (10 ms)':<30}{'beats':>7}{'median ms':>11}{'p99 ms':>9}{'max ms':>9}{'>100 ms':>9}")
     for name, g in gaps.items():
         if not g:
             continue
         arr = np.asarray(g)
-        print(f"{name:<30}{len(arr):>7}{statistics.median(g):>11.1f}{np.percentile(arr, 99):>9.1f}{arr.max():>9.1f}"
+        say(f"{name:<30}{len(arr):>7}{statistics.median(g):>11.1f}{np.percentile(arr, 99):>9.1f}{arr.max():>9.1f}"
               f"{int((arr > 100).sum()):>9}")
     for name, ms in handler_ms.items():
         if ms:
-            print(f"handler {name}: {len(ms)} calls, median {statistics.median(ms):.1f} ms, max {max(ms):.1f} ms")
+            say(f"handler {name}: {len(ms)} calls, median {statistics.median(ms):.1f} ms, max {max(ms):.1f} ms")
     if rerun_s is not None:
-        print(f"rerun with the cached model: {rerun_s:.1f} s")
-    print(f"PredictWidget.run() itself (first run) (main thread: checks, section, empty Labels layer): {run_call_ms:.0f} ms")
+        say(f"rerun with the cached model: {rerun_s:.1f} s")
+    say(f"PredictWidget.run() itself (first run) (main thread: checks, section, empty Labels layer): {run_call_ms:.0f} ms")
     layer = state.labels_layer
     if layer is not None:
         def refresh_ms(**kw):
@@ -169,23 +180,85 @@ def main(argv=None) -> int:
             return statistics.median(ts)
         full = refresh_ms()
         lean = refresh_ms(thumbnail=False, extent=False, highlight=False)
-        print(f"Labels layer {layer.data.shape}: refresh() + events {full:.1f} ms; "
+        say(f"Labels layer {layer.data.shape}: refresh() + events {full:.1f} ms; "
               f"refresh(thumbnail=False, extent=False, highlight=False) + events {lean:.1f} ms")
-    print("stalls over 100 ms (phase, ms, what ran on the main thread during it; 'other' = drawing, "
+        made, added = napari_layer_add_ms(viewer, layer, app)
+        say(f"napari alone, a copy of that layer (its data, colours, hover table), 5 times: Labels(...) "
+            f"{made:.1f} ms, viewer.add_layer {added:.1f} ms (medians)")
+    say("stalls over 100 ms (phase, ms, what ran on the main thread during it; 'other' = drawing, "
           "Qt events or the GIL held by a worker):")
     for a, b, name in stalls:
         inside = sorted({n for s0, s1, n in calls if s0 < b and s1 > a})
-        print(f"  {name:<20}{1000 * (b - a):7.0f} ms at {a - t0:7.2f} s  {', '.join(inside) or 'other'}")
+        held = [f"{what} {1000 * (s1 - s0):.0f} ms" for s0, s1, what in events if s0 < b and s1 > a]
+        say(f"  {name:<20}{1000 * (b - a):7.0f} ms at {a - t0:7.2f} s  {', '.join(inside) or 'other'}"
+              f"{'; during ' + ', '.join(held) if held else ''}")
     busy = [g for k in ("loading model", "classifying", "finishing", "rerun (model cached)") for g in gaps[k]]
     opening = gaps["opening the widget"] + gaps["warm start"]
-    print(f"opening the widget: {open_ms:.0f} ms on the main thread; its warm start (libraries and model, in a thread worker) done "
+    say(f"opening the widget: {open_ms:.0f} ms on the main thread; its warm start (libraries and model, in a thread worker) done "
           f"{preload_s:.1f} s after; largest gap meanwhile {max(opening, default=0):.0f} ms "
           f"({sum(g > 100 for g in opening)} over 100 ms); imported before it opened: {already or 'none of torch, open_clip, transformers'}")
-    print(f"UI stall maximum during the prediction: {max(busy):.0f} ms (goal: none over 100 ms)")
+    say(f"UI stall maximum during the prediction: {max(busy):.0f} ms (goal: none over 100 ms)")
     # after the run: fastpaths.machine() imports torch, which must not happen before the widget opens
-    print(f"machine: {fastpaths.machine()}, Qt platform {os.environ.get('QT_QPA_PLATFORM', 'xcb (default)')}")
+    say(f"machine: {fastpaths.machine()}, Qt platform {os.environ.get('QT_QPA_PLATFORM', 'xcb (default)')}")
+    if args.section:
+        from napari_cytoclip.io.safe_files import write_between_markers
+
+        command = "HF_HUB_OFFLINE=1 xvfb-run -a .venv/bin/python benchmarks/bench_ui.py " + " ".join(argv or sys.argv[1:])
+        write_between_markers(args.section, "bench_ui", "\n".join([f"    {command}", "", "```", *LINES, "```"]))
     viewer.close()
     return 0 if ok else 1
+
+
+def napari_layer_add_ms(viewer, layer, app, times: int = 5) -> tuple[float, float]:
+    """Median ms of napari's ``Labels(...)`` and ``viewer.add_layer`` for a copy of ``layer``: what adding
+    a result layer costs napari itself, apart from the widget's work."""
+    import numpy as np
+    from napari.layers import Labels
+
+    made, added = [], []
+    for i in range(times):
+        t = time.perf_counter()
+        copy = Labels(np.array(layer.data), name=f"copy {i}", scale=layer.scale, translate=layer.translate,
+                      opacity=layer.opacity, colormap=layer.colormap, features=layer.features)
+        made.append(1000 * (time.perf_counter() - t))
+        t = time.perf_counter()
+        viewer.add_layer(copy)
+        added.append(1000 * (time.perf_counter() - t))
+        app.processEvents()
+        viewer.layers.remove(copy)
+        app.processEvents()
+    return statistics.median(made), statistics.median(added)
+
+
+def watch_gil_holders(min_s: float = 0.02) -> list[tuple[float, float, str]]:
+    """``(start, end, what)`` of the single calls that hold the GIL long, appended as they happen: the
+    garbage collector's passes (``gc.callbacks``) and C-extension module initialisation
+    (``_imp.create_dynamic``, e.g. ``torch._C``). This benchmark owns its process, so it may hook both."""
+    import _imp
+    import gc
+
+    events: list[tuple[float, float, str]] = []
+    started: dict = {}
+
+    def on_gc(step, info):
+        if step == "start":
+            started["gc"] = time.perf_counter()
+        elif "gc" in started:
+            t = started.pop("gc")
+            if time.perf_counter() - t >= min_s:
+                events.append((t, time.perf_counter(), f"gc generation {info['generation']} pass"))
+    gc.callbacks.append(on_gc)
+    create = _imp.create_dynamic
+
+    def create_dynamic(spec, *args):
+        t = time.perf_counter()
+        try:
+            return create(spec, *args)
+        finally:
+            if time.perf_counter() - t >= min_s:
+                events.append((t, time.perf_counter(), f"{spec.name} C-extension init"))
+    _imp.create_dynamic = create_dynamic
+    return events
 
 
 if __name__ == "__main__":

@@ -409,4 +409,5 @@ def write_between_markers(path: str | Path, tag: str, text: str) -> None:
         doc = doc.rstrip() + f"\n\n{begin}\n{end}\n"
     head, rest = doc.split(begin, 1)
     _, tail = rest.split(end, 1)
-    atomic_write_text(path, f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    body = text.strip("\n")  # blank lines go, a first line's indentation (a command block) stays
+    atomic_write_text(path, f"{head}{begin}\n{body}\n{end}{tail}")

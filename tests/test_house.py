@@ -239,37 +239,55 @@ def _process_state() -> dict:
             "warning_filters": list(warnings.filters)}
 
 
-def test_prediction_and_query_leave_the_process_as_they_found_it(tmp_path):
+def _load_predict_query_and_run_the_widget_steps(folder: Path) -> None:
+    """What the plugin does in napari's process: load a model, read a PNG, predict, query, re-decode, and
+    the widget's prediction steps (without Qt)."""
     from PIL import Image
 
+    from napari_cytoclip.inference.grid import TileGrid
     from napari_cytoclip.inference.predict import predict_section
     from napari_cytoclip.io.sections import open_section
-    from napari_cytoclip.models.model import load_model, preload_libraries
-    from napari_cytoclip.widgets.predict_steps import prediction_steps  # the widget's run, without Qt
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.widgets.predict_steps import prediction_steps
     from napari_cytoclip.widgets.state import PredictionState
 
+    folder.mkdir()
     rng = np.random.default_rng(1)
-    Image.fromarray((rng.random((300, 300)) * 150).astype(np.uint8)).save(tmp_path / "section.png")
-    preload_libraries()
-    before = _process_state()
-    model = load_model(tiny_bundle(tmp_path / "tiny"), device="cpu", precision="fp32")  # logging left alone
-    section = open_section(tmp_path / "section.png", pixel_size_um=10.0)  # a PIL read
+    Image.fromarray((rng.random((300, 300)) * 150).astype(np.uint8)).save(folder / "section.png")
+    model = load_model(tiny_bundle(folder / "tiny"), device="cpu", precision="fp32")
+    section = open_section(folder / "section.png", pixel_size_um=10.0)  # a PIL read
     pred = predict_section(section, model)
     sim = pred.similarity(model.encode_texts(["a brand new query text"])[0])
     pred.decode(model.region_embeddings())
-    from napari_cytoclip.inference.grid import TileGrid
-
     state = PredictionState(image_name="s", section=section, grid=TileGrid.covering(section.shape, 10.0, 100.0),
                             bundle=model.bundle, model_key=("x", "cpu"), stride_um=100.0, image_scale=(1.0, 1.0),
                             image_translate=(0.0, 0.0))
     state.model = model
-    steps = prediction_steps(state, "cpu", 64, tmp_path / "cache")
+    steps = prediction_steps(state, "cpu", 64, folder / "cache")
     try:
         while True:
             next(steps)
     except StopIteration as stop:
         assert stop.value is not None
     assert np.isfinite(sim).any()
+
+
+def test_prediction_and_query_leave_the_process_as_they_found_it(tmp_path):
+    """Environment, PIL's limit, torch threads, priority, logging and warning filters are as they were.
+    The first round also imports what the libraries import lazily (some add warning filters of their own):
+    logging is compared across it, everything across the second."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from napari_cytoclip.models.model import preload_libraries
+
+    preload_libraries()
+    logs = (logging.getLogger().level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    _load_predict_query_and_run_the_widget_steps(tmp_path / "first")
+    assert (logging.getLogger().level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == logs
+    before = _process_state()
+    _load_predict_query_and_run_the_widget_steps(tmp_path / "second")
     assert _process_state() == before
 
 
@@ -320,3 +338,26 @@ def test_the_cli_predicts_offline_without_hf_variables(tmp_path):
                           "--out", str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "results" / "plate_41" / "labels.tif").is_file() or any((tmp_path / "results").iterdir())
+
+
+def test_the_cli_quiets_library_chatter_and_puts_logging_back(tmp_path, capsys, caplog):
+    """The command line owns its process: open_clip's "no pretrained weights loaded" and transformers' load
+    reports are not shown while a command loads a model, and logging is as it was when ``main`` returns."""
+    import logging
+
+    from PIL import Image
+    from transformers.utils import logging as hf_logging
+
+    from napari_cytoclip.cli import main
+
+    rng = np.random.default_rng(2)
+    Image.fromarray((rng.random((300, 300)) * 150).astype(np.uint8)).save(tmp_path / "section.png")
+    bundle = tiny_bundle(tmp_path / "tiny").path  # builds a model itself, with the chatter
+    caplog.clear()
+    before = (logging.getLogger().level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    rc = main(["predict", str(tmp_path / "section.png"), "--pixel-size", "10", "--model", str(bundle),
+               "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    chatter = [r.getMessage() for r in caplog.records if "weights" in r.getMessage().lower()]
+    assert rc == 0 and not chatter and "weights" not in err.lower(), (chatter, err)
+    assert (logging.getLogger().level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before

@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -169,6 +169,7 @@ def _add_teach(sub) -> None:
 def _model(args, path: Path | None):
     from napari_cytoclip.models.model import load_model
 
+    _quiet_libraries(args)
     return load_model(path, device=args.device, precision=getattr(args, "precision", "auto"))
 
 
@@ -279,6 +280,7 @@ def cmd_train(args) -> int:
                          device=args.device, time_budget_s=args.time_budget_s, replay_ratio=args.replay_ratio,
                          steps_per_epoch=args.steps_per_epoch, warmup_steps=args.warmup_steps)
     bar = progress_bar(None, "train", args.quiet, unit="step")
+    _quiet_libraries(args)
 
     def progress(info: dict) -> None:
         if "epoch_done" in info:
@@ -447,6 +449,7 @@ def cmd_teach(args) -> int:
     if not merged.taught().any():
         raise CytoclipError(args.folders[0], "holds no taught cells (nothing painted or confirmed); "
                                              "paint corrections or export with --reviewed")
+    _quiet_libraries(args)
     model = load_model(base, device=args.device)
     regions = taught_regions(model.regions, merged.regions, list(merged.counts()))
     t0 = time.perf_counter()
@@ -499,6 +502,7 @@ def _prediction_for_export(args):
 def cmd_import_model(args) -> int:
     from napari_cytoclip.models.import_checkpoint import import_checkpoint
 
+    _quiet_libraries(args)
     path = import_checkpoint(args.checkpoint, args.out, args.regions, args.tile_um, arch=args.arch,
                              config=args.config, tile_px=args.tile_px, mode=args.mode, scales_um=args.scales_um,
                              polarity=args.polarity, stride_um=args.stride_um, name=args.name)
@@ -519,10 +523,13 @@ COMMANDS = {"predict": cmd_predict, "train": cmd_train, "evaluate": cmd_evaluate
             "teach": cmd_teach, "import-model": cmd_import_model}
 
 
-def _quiet_libraries() -> Callable[[], None]:
-    """The command line owns its process: open_clip's and transformers' model-loading chatter (root-logger
-    warnings about weights loaded later, load reports, progress bars) is not shown while a command runs.
-    Returns what puts the logging back. (The plugin shares napari's process and never does this.)"""
+def _quiet_libraries(args) -> None:
+    """Before a command builds a model: the command line owns its process, so open_clip's and transformers'
+    model-loading chatter (root-logger warnings about weights loaded later, load reports, progress bars) is
+    not shown until the command ends (:func:`main` puts the logging back; ``--debug`` keeps it). The plugin
+    shares napari's process and never does this."""
+    if getattr(args, "debug", False) or getattr(args, "_restore_logging", None) is not None:
+        return
     import logging
 
     from transformers.utils import logging as hf_logging
@@ -538,7 +545,7 @@ def _quiet_libraries() -> Callable[[], None]:
         hf_logging.set_verbosity(before[1])
         if before[2]:
             hf_logging.enable_progress_bar()
-    return restore
+    args._restore_logging = restore
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -557,10 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
-    old_showwarning, restore_logging = warnings.showwarning, None
+    old_showwarning = warnings.showwarning
     if not debug:
         warnings.showwarning = _show_warning
-        restore_logging = _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except (CytoclipError, OSError, ValueError, MemoryError, RecursionError) as exc:
@@ -573,8 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = old_showwarning
-        if restore_logging is not None:
-            restore_logging()
+        if getattr(args, "_restore_logging", None) is not None:
+            args._restore_logging()
 
 
 if __name__ == "__main__":  # pragma: no cover

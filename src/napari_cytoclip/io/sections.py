@@ -1,7 +1,6 @@
 """Reading Nissl sections lazily: TIFF/OME-TIFF/SVS pyramids, PNG/JPEG, in-memory arrays."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -12,7 +11,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

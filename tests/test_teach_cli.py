@@ -235,8 +235,8 @@ class _RowBlocksOnly:
 
 
 def test_decode_reads_lazy_cached_features_block_by_block(taught, monkeypatch):
-    """Update map on a whole slide: cached (zarr) features are projected a block at a time, not read whole,
-    and give the same labels as in memory."""
+    """Update map on a whole slide: cached (zarr) features and joint embeddings are read a block at a time,
+    never whole, and give the same labels as in memory."""
     from dataclasses import replace
 
     from napari_cytoclip.inference.taught_decode import decode_with_learner
@@ -247,9 +247,10 @@ def test_decode_reads_lazy_cached_features_block_by_block(taught, monkeypatch):
     pred = taught["pred"]
     assert model.learner.basis is not None and isinstance(pred.features, np.ndarray)
     labels, conf = decode_with_learner(pred, model.learner, model)
-    lazy = _RowBlocksOnly(pred.features)
+    lazy, joint = _RowBlocksOnly(pred.features), _RowBlocksOnly(pred.embeddings)
     monkeypatch.setattr(taught_learner, "PROJECT_ROWS", 100)  # small blocks, so that there are several
-    again, conf2 = decode_with_learner(replace(pred, features=lazy), model.learner, model)
+    again, conf2 = decode_with_learner(replace(pred, features=lazy, embeddings=joint), model.learner, model)
     assert len(lazy.reads) > 1 and max(lazy.reads) <= 100 and sum(lazy.reads) == len(pred.cells)
+    assert sum(joint.reads) == len(pred.cells)  # the text prior reads the joint embeddings in blocks too
     np.testing.assert_array_equal(again, labels)
     np.testing.assert_allclose(conf2, conf, atol=1e-6)

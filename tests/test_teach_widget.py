@@ -171,3 +171,38 @@ def test_paint_new_region_update_undo_save_and_predict_another_section(make_napa
     res = teach_section(state44, data44, decode=False)
     assert [s["name"] for s in res.teaching_set.sources] == ["plate 41 crop", "plate 44 crop"]
     assert len(load_teaching_set(bundle.path).sources) == 1  # the saved bundle is untouched
+
+
+def test_update_map_on_a_streamed_prediction_equals_the_in_memory_one(monkeypatch):
+    """A whole slide streams its embeddings and features to a temporary zarr store (issue 15); *Update map*
+    (``teach_section``, Qt-free) reads them lazily and gives the same map as a prediction held in memory."""
+    from napari_cytoclip.inference import encode
+    from napari_cytoclip.inference.grid import TileGrid
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.models.model import load_model
+    from napari_cytoclip.widgets.state import PredictionState
+    from napari_cytoclip.widgets.teach_panel import teach_section
+
+    sec41, _ = _need_data()
+    model = load_model(None, device="cpu")
+
+    def update_map():
+        pred = predict_section(sec41, model, stride_um=200.0)
+        state = PredictionState(image_name="plate 41 crop", section=sec41,
+                                grid=TileGrid.covering(sec41.shape, sec41.pixel_size_um, 200.0), bundle=model.bundle,
+                                model_key=("shipped", "cpu"), stride_um=200.0, image_scale=(1.0, 1.0),
+                                image_translate=(0.0, 0.0))
+        state.model, state.prediction = model, pred
+        state.predicted = np.asarray(pred.labels, np.uint16).copy()
+        current = state.predicted.copy()
+        striatum = np.argwhere(state.predicted == STRIATUM)
+        current[striatum[::2, 0], striatum[::2, 1]] = 6  # every other striatum cell painted pallidum
+        return pred, teach_section(state, current)
+
+    held, in_memory = update_map()
+    monkeypatch.setattr(encode, "MEMORY_ROWS_BYTES", 1024)
+    streamed_pred, streamed = update_map()
+    assert isinstance(held.features, np.ndarray) and not isinstance(streamed_pred.features, np.ndarray)
+    assert not isinstance(streamed_pred.embeddings, np.ndarray)
+    np.testing.assert_array_equal(streamed.labels, in_memory.labels)
+    np.testing.assert_allclose(streamed.confidence, in_memory.confidence, atol=1e-6)

@@ -59,7 +59,7 @@ def class_prior(learner: TaughtLearner, regions: Sequence[Region], model, joint:
     regs = [by_id[int(c)] for c in learner.classes]
     text, sources = text_rows(regs, learner.class_text, model)
     if not any(s is not None for s in sources):
-        return np.zeros((len(joint), len(regs)), np.float32)
+        return np.zeros((joint.shape[0], len(regs)), np.float32)
     return prior_logits(joint, text, model.logit_scale, sources)
 
 

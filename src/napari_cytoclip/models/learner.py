@@ -34,7 +34,7 @@ def prior_logits(joint: np.ndarray, text_embeddings: np.ndarray, logit_scale: fl
     import torch
 
     t = torch.from_numpy(np.asarray(text_embeddings, np.float32))
-    n = len(joint)
+    n = joint.shape[0]  # numpy, or a lazy (zarr) array read 65536 rows at a time
     out = np.empty((n, len(sources)), np.float32)
     children = list(children) if children is not None else [1] * len(sources)
     for i in range(0, n, 65536):

@@ -444,7 +444,7 @@ def _pil_image(path: Path) -> Any:
     if head.startswith(PNG_MAGIC):
         return PngImagePlugin.PngImageFile(str(path))
     if head.startswith(JPEG_MAGIC):
-        return JpegImagePlugin.JpegImageFile(str(path))
+        return JpegImagePlugin.jpeg_factory(str(path))  # a multi-picture (MPO) file keeps its frames
     return Image.open(path)
 
 

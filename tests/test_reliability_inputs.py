@@ -745,3 +745,18 @@ def test_other_formats_over_pils_limit_are_refused_in_one_line(tmp_path, monkeyp
     with pytest.raises(CytoclipError) as info:
         open_section(path, pixel_size_um=PX)
     assert_one_line_error(info.value, path, r"decompression-bomb limit")
+
+
+def test_a_multi_picture_jpeg_keeps_its_frames(tmp_path):
+    """An MPO file (a JPEG holding several pictures) is a stack: a frame is chosen with ``plane``."""
+    from PIL import Image
+
+    first, second = np.full((100, 200, 3), 200, np.uint8), np.full((100, 200, 3), 60, np.uint8)
+    path = tmp_path / "stereo.jpg"
+    Image.fromarray(first).save(path, format="MPO", save_all=True, append_images=[Image.fromarray(second)])
+    with pytest.raises(CytoclipError) as info:
+        open_section(path, pixel_size_um=PX)
+    assert_one_line_error(info.value, path, r"2 frames.*--plane")
+    section = open_section(path, pixel_size_um=PX, plane=1)
+    assert section.shape == (100, 200) and abs(float(np.asarray(section.levels[0]).mean()) - 60) < 5
+    section.close()

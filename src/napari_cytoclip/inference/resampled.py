@@ -71,9 +71,13 @@ class _ScaleImages:
 
     def __init__(self, row0: int, row1: int, col0: int, col1: int, images: dict, size: int):
         self.row0, self.row1, self.col0, self.col1, self.images = row0, row1, col0, col1, images
-        self.box = (row0, row1, col0, col1)
         self._views = {p: np.lib.stride_tricks.sliding_window_view(im, (size, size), axis=(0, 1))
                        for p, im in images.items()}
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """``(row0, row1, col0, col1)``: the model pixels these images cover."""
+        return self.row0, self.row1, self.col0, self.col1
 
     def windows(self, phase: tuple[int, int]) -> np.ndarray:
         """Every ``size x size`` window of one phase's image, indexed by its first row and column (a view)."""

@@ -360,6 +360,26 @@ def test_threaded_run_cancel_and_rerun(make_napari_viewer, qtbot, tiny_model_dir
     assert state.status == "cancelled"  # the old state is untouched
 
 
+def test_rerun_follows_a_moved_image(make_napari_viewer, tiny_model_dir):
+    """A rerun into the same layer places it on the image's current transform (set only where it changed)."""
+    viewer = make_napari_viewer()
+    image, _ = open_plate(viewer)
+    widget = predict_widget(viewer, tiny_model_dir)
+    first = widget.run_blocking()
+    labels = first.labels_layer
+    assert first.complete
+    same = widget.run_blocking()  # unchanged image: same place
+    assert same.labels_layer is labels
+    np.testing.assert_allclose(labels.translate, first.transform["translate"])
+    image.translate = (100.0, -50.0)
+    moved = widget.run_blocking()
+    assert moved.complete and moved.labels_layer is labels
+    np.testing.assert_allclose(labels.translate, moved.transform["translate"])
+    np.testing.assert_allclose(np.asarray(moved.transform["translate"]) - np.asarray(first.transform["translate"]),
+                               (100.0, -50.0))
+    np.testing.assert_allclose(labels.scale, moved.transform["scale"])
+
+
 def test_closing_the_layer_while_running(make_napari_viewer, qtbot, tiny_model_dir, slow_encoding):
     viewer = make_napari_viewer()
     open_plate(viewer)

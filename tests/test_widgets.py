@@ -380,6 +380,32 @@ def test_rerun_follows_a_moved_image(make_napari_viewer, tiny_model_dir):
     np.testing.assert_allclose(labels.scale, moved.transform["scale"])
 
 
+def test_labels_colormap_is_built_once_per_regions(make_napari_viewer, tiny_model_dir):
+    """The warm start builds the regions' colormap (with napari's uint16 lookup) off the main thread; a later
+    result layer of the same regions reuses it, and it colours every region as the bundle says."""
+    from napari_cytoclip.models.bundle import load_bundle
+    from napari_cytoclip.widgets.layers import regions_key
+    from napari_cytoclip.widgets.predict_widget import _warm_start
+
+    bundle = load_bundle(tiny_model_dir)
+    model, colormap = _warm_start(bundle, "cpu")
+    assert model.bundle.path == bundle.path
+    ids = np.array([r.id for r in bundle.regions], np.uint16)
+    np.testing.assert_allclose(colormap.map(ids), [r.rgba() for r in bundle.regions], atol=1e-6)
+    np.testing.assert_allclose(colormap.map(np.array([0], np.uint16))[0, 3], 0.0)  # background transparent
+
+    viewer = make_napari_viewer()
+    open_plate(viewer)
+    widget = predict_widget(viewer, tiny_model_dir)
+    widget._on_warm((str(bundle.path), "cpu"), regions_key(bundle.regions), (model, colormap))
+    first = widget.run_blocking()
+    assert first.complete and first.labels_layer.colormap is colormap
+    old = int(first.labels_layer.data[0, 0])
+    first.labels_layer.data[0, 0] = next(r.id for r in first.regions if r.id != old)  # an edit: a new layer next
+    second = widget.run_blocking()
+    assert second.labels_layer is not first.labels_layer and second.labels_layer.colormap is colormap
+
+
 def test_closing_the_layer_while_running(make_napari_viewer, qtbot, tiny_model_dir, slow_encoding):
     viewer = make_napari_viewer()
     open_plate(viewer)

@@ -73,16 +73,41 @@ def _find(viewer: Any, layer: Any) -> Any:
     return layer if layer_alive(viewer, layer) else None
 
 
-def create_labels_layer(viewer: Any, state: PredictionState, name: str, reuse: Any = None) -> Any:
+LABELS_DTYPE = np.uint16  # room for every region id a bundle or New region gives
+
+
+def regions_key(regions: Sequence[Any]) -> tuple:
+    """What a Labels colormap of ``regions`` depends on: each region's id and colour."""
+    return tuple((int(r.id), tuple(float(v) for v in r.rgba())) for r in regions)
+
+
+def labels_colormap(regions: Sequence[Any]) -> Any:
+    """napari's direct colormap of ``regions``, its lookup for uint16 labels built now.
+
+    napari builds that lookup in Python over all 65,536 uint16 values the first time a layer maps
+    labels (about 35 ms here, on the main thread inside ``Labels(...)``); built here, in a worker
+    thread, and reused for later layers of the same regions, the constructor skips it.
+    """
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colormap = DirectLabelColormap(color_dict=region_colormap(regions))
+    colormap.map(np.zeros(1, LABELS_DTYPE))
+    return colormap
+
+
+def create_labels_layer(viewer: Any, state: PredictionState, name: str, reuse: Any = None,
+                        colormap: Any = None) -> Any:
     """The grid-shaped Labels layer of a new run (reusing ``reuse`` if given), filled with 0.
 
-    A new layer gets its colours and hover table in the constructor, so napari builds its visual once.
+    A new layer gets its colours (``colormap``: from :func:`labels_colormap`, else built here) and hover
+    table in the constructor, so napari builds its visual once.
     """
     from napari.layers import Labels
 
-    data = np.zeros(tuple(state.grid.shape), np.uint16)
+    data = np.zeros(tuple(state.grid.shape), LABELS_DTYPE)
     t = state.transform
-    colormap, features = region_colormap(state.regions), features_table(state.regions)
+    colormap = region_colormap(state.regions) if colormap is None else colormap
+    features = features_table(state.regions)
     carried: dict[str, Any] = {}
     if reuse is not None and layer_alive(viewer, reuse):
         layer = reuse

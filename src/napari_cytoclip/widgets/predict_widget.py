@@ -20,7 +20,8 @@ from napari_cytoclip.widgets.common import (report_problem, LayerChoices, Worker
                                             widget_alive)
 from napari_cytoclip.widgets.identify_panel import IdentifyPanel
 from napari_cytoclip.widgets.layers import (apply_batch, create_labels_layer, drop_views, finish_layers,
-                                            image_transform, redraw_labels, show_confidence)
+                                            image_transform, labels_colormap, redraw_labels, regions_key,
+                                            show_confidence)
 from napari_cytoclip.widgets.legend_panel import LegendPanel
 from napari_cytoclip.models.import_checkpoint import RecentModels
 from napari_cytoclip.widgets.model_chooser import ModelChooser, is_checkpoint
@@ -42,7 +43,8 @@ class PredictWidget(QWidget):
     The model chooser also lists recent bundles (``recent_models``: a :class:`RecentModels`, default the
     user's config file) and imports an open_clip checkpoint as a bundle (:meth:`import_checkpoint`).
 
-    State: loaded models are cached on the widget (``_models``, keyed by bundle folder and device);
+    State: loaded models are cached on the widget (``_models``, keyed by bundle folder and device), and so
+    are the Labels colormaps of their regions (``_colormaps``);
     each run has its own :class:`PredictionState`, stored in its Labels layer's
     ``metadata["cytoclip"]``. The legend, review queue and identify box act on the prediction of
     the active cytoclip Labels layer (or the latest run).
@@ -56,6 +58,7 @@ class PredictWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self._models: dict[tuple, Any] = {}
+        self._colormaps: dict[tuple, Any] = {}  # napari colormaps by regions_key, their uint16 lookup built
         self._setting_model = False  # set_model_path at work: a choice of the code, not of the user
         self._model_value: Any = None  # the model field's last accepted value
         self._worker = None
@@ -164,14 +167,16 @@ class PredictWidget(QWidget):
         device = str(self.device.value)
         worker = create_worker(_warm_start, bundle, device, _start_thread=False, _ignore_errors=True)
         if bundle is not None:
-            worker.returned.connect(partial(self._on_warm, (str(bundle.path), device)))
+            worker.returned.connect(partial(self._on_warm, (str(bundle.path), device), regions_key(bundle.regions)))
         worker.finished.connect(partial(setattr, self, "_preload", None))
         worker.start()
         return worker
 
-    def _on_warm(self, key: tuple, model: Any) -> None:
-        if model is not None:
+    def _on_warm(self, key: tuple, regions: tuple, warmed: Any) -> None:
+        if isinstance(warmed, tuple):  # (model, colormap); a failure arrives as something else
+            model, colormap = warmed
             self._models.setdefault(key, model)
+            self._colormaps.setdefault(regions, colormap)
 
     # ------------------------------------------------------------------ model and inputs
     def model_folder(self) -> Path | None:
@@ -294,7 +299,10 @@ class PredictWidget(QWidget):
         state.model = self._models.get(key)
         state.cache = self.cache_folder()
         name = f"cytoclip regions ({image_name})"
-        create_labels_layer(self.viewer, state, name, reuse=self._reusable_layer(name))
+        colormap = self._colormaps.get(regions_key(state.regions))
+        layer = create_labels_layer(self.viewer, state, name, reuse=self._reusable_layer(name), colormap=colormap)
+        if colormap is None:  # the layer's colormap now has its lookup built: reused by later layers
+            self._colormaps[regions_key(state.regions)] = layer.colormap
         self._set_current(state)
         return state, prediction_steps(state, device, BATCH_SIZE, self.cache_folder())
 
@@ -621,9 +629,12 @@ def _folder_value(value: Any) -> Path | None:
     return None if text in ("", ".") else Path(text)
 
 
-def _warm_start(bundle: Any, device: str) -> Any:
-    """The libraries, then ``bundle``'s model on ``device`` (None without a bundle); runs in a thread worker."""
+def _warm_start(bundle: Any, device: str) -> tuple[Any, Any] | None:
+    """The libraries, then ``bundle``'s model on ``device`` and its regions' Labels colormap (None without a
+    bundle); runs in a thread worker."""
     from napari_cytoclip.models.model import load_model, preload_libraries
 
     preload_libraries()
-    return None if bundle is None else load_model(bundle, device=device, precision="auto")
+    if bundle is None:
+        return None
+    return load_model(bundle, device=device, precision="auto"), labels_colormap(bundle.regions)

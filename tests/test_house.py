@@ -163,6 +163,25 @@ def test_features_come_from_the_same_forward_pass(shipped, small_section):
     np.testing.assert_allclose(pred.embeddings[:5].astype(np.float32), joint, atol=2e-3)
 
 
+def test_teaching_features_are_what_a_prediction_caches(shipped, small_section):
+    """teach.features.section_features (the teaching benchmark's features) reads and encodes like a prediction:
+    the same cells, joint embeddings and pooled features; with ``every`` only the subsampled cells, same rows."""
+    from napari_cytoclip.inference.predict import predict_section
+    from napari_cytoclip.teach.features import section_features
+
+    pred = predict_section(small_section, shipped, batch_size=16)
+    feats = section_features(small_section, shipped, batch_size=16)
+    np.testing.assert_array_equal(feats.cells, pred.cells)
+    np.testing.assert_array_equal(feats.joint, np.asarray(pred.embeddings, np.float16))
+    np.testing.assert_array_equal(feats.pooled, np.asarray(pred.features))
+    every = section_features(small_section, shipped, batch_size=16, every=2)
+    keep = (pred.cells[:, 0] % 2 == 0) & (pred.cells[:, 1] % 2 == 0)
+    assert 0 < len(every.cells) < len(pred.cells)
+    np.testing.assert_array_equal(every.cells, pred.cells[keep])
+    np.testing.assert_allclose(every.pooled.astype(np.float32), np.asarray(pred.features[keep], np.float32),
+                               rtol=0.02, atol=0.02)  # other batches: oneDNN rounding may differ slightly
+
+
 def test_large_predictions_stream_embeddings_and_features_to_disk(shipped, small_section, monkeypatch):
     """Above MEMORY_ROWS_BYTES the rows go to a temporary zarr store as they come (issue 15: memory does not
     grow with the section); labels, embeddings and features are the same as in memory."""

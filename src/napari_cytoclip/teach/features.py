@@ -95,35 +95,36 @@ class CellFeatures:
 def section_features(section, model: CytoClip, *, stride_um: float | None = None, hires: ImageNetView | None = None,
                      batch_size: int = 128, every: int = 1) -> CellFeatures:
     """Joint embedding, pooled features and (with ``hires``) the high-resolution view of every tissue cell
-    (with ``every`` > 1 only of the cells whose row and column are multiples of ``every``)."""
+    (with ``every`` > 1 only of the cells whose row and column are multiples of ``every``).
+
+    The joint embedding and the pooled features come from prediction's own batch loop
+    (:func:`~napari_cytoclip.inference.encode.encode_cells`: the same windows and forward pass), so they
+    are what a prediction cache holds for these cells and what *Update map* and ``teach`` learn from.
+    """
+    from napari_cytoclip.inference.encode import encode_cells
     from napari_cytoclip.inference.predict import plan_grid
     from napari_cytoclip.inference.windows import WindowReader
 
     grid, cells, mask = plan_grid(section, model, stride_um)
     if every > 1:
         cells = cells[(cells[:, 0] % every == 0) & (cells[:, 1] % every == 0)]
-    centers = grid.centers(cells)
-    low = WindowReader(section, model.input, mask.polarity)
-    high = WindowReader(section, hires.spec, mask.polarity) if hires is not None else None
+    secs = {"tower_s": 0.0, "hires_read_s": 0.0, "hires_s": 0.0}
     joint, pooled, hi = [], [], []
-    secs = {"read_s": 0.0, "tower_s": 0.0, "hires_read_s": 0.0, "hires_s": 0.0}
-    for i in range(0, len(cells), batch_size):
-        c = centers[i:i + batch_size]
-        t0 = time.perf_counter()
-        w = low.read(c)
-        t1 = time.perf_counter()
-        j, p = tower_features(model, w)
-        t2 = time.perf_counter()
-        secs["read_s"] += t1 - t0
-        secs["tower_s"] += t2 - t1
-        joint.append(j.astype(np.float16))
-        pooled.append(p.astype(np.float16))
-        if high is not None:
-            w = high.read(c)
+    t0 = time.perf_counter()
+    for batch in encode_cells(section, model, grid, cells, polarity=mask.polarity, batch_size=batch_size):
+        joint.append(batch.embeddings.astype(np.float16))
+        pooled.append(np.asarray(batch.features, np.float16))
+    secs["tower_s"] = time.perf_counter() - t0  # reading overlaps with encoding there
+    if hires is not None:
+        high = WindowReader(section, hires.spec, mask.polarity)
+        centers = grid.centers(cells)
+        for i in range(0, len(cells), batch_size):
+            t2 = time.perf_counter()
+            w = high.read(centers[i:i + batch_size])
             t3 = time.perf_counter()
             hi.append(hires.features(w).astype(np.float16))
             secs["hires_read_s"] += t3 - t2
             secs["hires_s"] += time.perf_counter() - t3
     cat = (lambda xs, d: np.concatenate(xs) if xs else np.zeros((0, d), np.float16))
     return CellFeatures(cells=cells, grid=grid, joint=cat(joint, model.embed_dim), pooled=cat(pooled, 1280),
-                        hires=cat(hi, 1280) if high is not None else None, seconds=secs)
+                        hires=cat(hi, 1280) if hires is not None else None, seconds=secs)

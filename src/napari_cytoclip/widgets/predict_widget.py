@@ -173,7 +173,7 @@ class PredictWidget(QWidget):
         return worker
 
     def _on_warm(self, key: tuple, regions: tuple, warmed: Any) -> None:
-        if isinstance(warmed, tuple):  # (model, colormap); a failure arrives as something else
+        if isinstance(warmed, tuple):  # (model, colormap); None when no bundle was chosen
             model, colormap = warmed
             self._models.setdefault(key, model)
             self._colormaps.setdefault(regions, colormap)

@@ -310,6 +310,31 @@ def test_prediction_and_query_leave_the_process_as_they_found_it(tmp_path):
     assert _process_state() == before
 
 
+def test_loading_models_adds_no_root_log_handler(tmp_path):
+    """open_clip's factory logs through module-level ``logging`` calls, which add a stderr handler to a root
+    logger that has none (napari's case; pytest's own handlers hide it, hence a fresh interpreter): loading
+    the shipped model, a config bundle with a built-in text tower and a named architecture adds none."""
+
+    tiny = tiny_bundle(tmp_path / "tiny").path
+    code = ("import logging, sys\n"
+            "from napari_cytoclip.models.model import load_model\n"
+            "from napari_cytoclip.models.bundle import ModelBundle, InputSpec, default_bundle_path\n"
+            "from napari_cytoclip.models.open_clip_build import build_open_clip\n"
+            "from napari_cytoclip.models.vocabularies import allen_mouse_regions\n"
+            "assert logging.getLogger().handlers == []\n"
+            "if (default_bundle_path() / 'weights.safetensors').is_file(): load_model(None, device='cpu')\n"
+            "load_model(sys.argv[1], device='cpu')\n"
+            "build_open_clip(ModelBundle(name='rn', architecture={'name': 'RN50'}, input=InputSpec(224, (1000.0,)),\n"
+            "                            regions=allen_mouse_regions(), label_um=1000.0, stride_um=1000.0),\n"
+            "                load_text_weights=False)\n"
+            "print(logging.getLogger().handlers)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "initialized randomly" not in out.stderr and "no CLIP weights" not in out.stderr
+
+
 def test_the_small_work_thread_runs_torch_on_one_thread_without_changing_others():
     import torch
 

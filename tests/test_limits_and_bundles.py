@@ -139,7 +139,7 @@ def test_a_bundle_never_runs_text_tower_code(case, towers, tiny_dir, tmp_path):
 def test_transformers_is_asked_to_refuse_custom_code(towers, tmp_path):
     """The second guard: the config is read with trust_remote_code=False, from the folder only. A known
     model type is read by transformers' own class (the auto_map is ignored); an unknown one is refused."""
-    from napari_cytoclip.models.model import _probe_text_config
+    from napari_cytoclip.models.open_clip_build import _probe_text_config
 
     _probe_text_config(towers.pkg / "code", "bundle")
     unknown = tmp_path / "unknown_type"

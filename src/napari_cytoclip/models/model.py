@@ -1,8 +1,6 @@
 """Building open_clip models from bundles or plain checkpoints, and encoding tiles and text."""
 from __future__ import annotations
 
-import json
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -11,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from napari_cytoclip.models.bundle import (BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, check_architecture,
-                                           default_bundle_path, load_bundle, resolve_text_tower)
+from napari_cytoclip.models.bundle import BUNDLE_WEIGHTS, InputSpec, ModelBundle, Region, default_bundle_path, load_bundle
+from napari_cytoclip.models.open_clip_build import build_open_clip  # noqa: F401  (part of this module's API)
 from napari_cytoclip.inference.cputhreads import run_small
 from napari_cytoclip.errors import BundleError
 
@@ -96,60 +94,6 @@ def cpu_supports_bf16() -> bool:
         except Exception:  # pragma: no cover - older torch
             return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def build_open_clip(bundle: ModelBundle, load_text_weights: bool = True):
-    """The open_clip model and tokenizer a bundle names, with random or package text weights."""
-    import open_clip
-
-    source = bundle.path or bundle.name
-    arch = bundle.architecture
-    try:
-        if "config" in arch:
-            cfg = json.loads(json.dumps(arch["config"]))
-            check_architecture({"config": cfg}, source)
-            if isinstance(cfg.get("vision_cfg"), dict):
-                cfg["vision_cfg"]["timm_model_pretrained"] = False  # timm would download ImageNet weights
-            text_dir = resolve_text_tower(bundle.text_tower, source)
-            if text_dir is not None:
-                _probe_text_config(text_dir, source)
-                cfg.setdefault("text_cfg", {})["hf_model_name"] = str(text_dir)
-                cfg["text_cfg"]["hf_tokenizer_name"] = str(text_dir)
-            with tempfile.TemporaryDirectory() as tmp:
-                Path(tmp, "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-                model = open_clip.create_model(f"local-dir:{tmp}", load_weights=False,
-                                               pretrained_text=load_text_weights and text_dir is not None,
-                                               pretrained_image=False)
-                tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}") if text_dir is None else \
-                    open_clip.tokenizer.HFTokenizer(str(text_dir), trust_remote_code=False, local_files_only=True,
-                                                    context_length=cfg["text_cfg"].get("context_length", 77))
-        else:
-            name = arch["name"]
-            if name not in open_clip.list_models():
-                raise BundleError(source, f"unknown open_clip architecture {name!r}")
-            named_text = (open_clip.get_model_config(name) or {}).get("text_cfg") or {}
-            if named_text.get("hf_model_name") or named_text.get("hf_tokenizer_name"):
-                raise BundleError(source, f"open_clip architecture {name!r} takes its text tower from the Hugging "
-                                          "Face hub; name its config with a 'text_tower' package instead")
-            model = open_clip.create_model(name, pretrained=None, load_weights=False,
-                                           pretrained_text=False, pretrained_image=False)
-            tokenizer = open_clip.get_tokenizer(name)
-    except BundleError:
-        raise
-    except Exception as exc:
-        raise BundleError(source, f"cannot build the architecture ({type(exc).__name__}: {exc})") from None
-    return model, tokenizer
-
-
-def _probe_text_config(text_dir: Path, source: Any) -> None:
-    """Read the text tower's config from its folder only, refusing custom code (``trust_remote_code=False``)."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(str(text_dir), trust_remote_code=False, local_files_only=True)
-    except Exception as exc:
-        raise BundleError(source, f"the text tower in {text_dir} cannot be read without running its code "
-                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
 
 
 def read_state_dict(path: str | Path) -> dict:

@@ -29,23 +29,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from report import Report  # noqa: E402
 
-
-LINES: list[str] = []  # what this run printed, for --section
-
-
-def say(*parts, flush: bool = True) -> None:
-    """Print a line and keep it for the ``--section`` report."""
-    line = " ".join(str(p) for p in parts)
-    LINES.append(line)
-    print(line, flush=flush)
-
-
-def write_section(path: Path, what: str, command: str) -> None:
-    """Put this run's output between ``<!-- bench_flat_<what>:begin/end -->`` in ``path`` (atomically)."""
-    from napari_cytoclip.io.safe_files import write_between_markers
-
-    write_between_markers(path, f"bench_flat_{what}", "\n".join([f"    {command}", "", "```", *LINES, "```"]))
+REPORT = Report()  # what this run printed, for --section
+say = REPORT.say
 
 
 def load() -> float:
@@ -288,7 +275,7 @@ def main(argv=None) -> int:
         command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_flat.py " + " ".join(
             a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--section") and
             a != str(args.section))
-        write_section(args.section, args.what, command)
+        REPORT.write(args.section, f"bench_flat_{args.what}", command)
     return 0
 
 

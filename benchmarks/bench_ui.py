@@ -24,17 +24,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import Report  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PLUGIN = "napari-cytoclip"
-LINES: list[str] = []  # the report, for --section
-
-
-def say(*parts) -> None:
-    """Print a report line and keep it for ``--section``."""
-    line = " ".join(str(p) for p in parts)
-    print(line, flush=True)
-    LINES.append(line)
+REPORT = Report()  # the report, for --section
+say = REPORT.say
 
 
 def main(argv=None) -> int:
@@ -206,10 +201,8 @@ def main(argv=None) -> int:
     # after the run: fastpaths.machine() imports torch, which must not happen before the widget opens
     say(f"machine: {fastpaths.machine()}, Qt platform {os.environ.get('QT_QPA_PLATFORM', 'xcb (default)')}")
     if args.section:
-        from napari_cytoclip.io.safe_files import write_between_markers
-
         command = "HF_HUB_OFFLINE=1 xvfb-run -a .venv/bin/python benchmarks/bench_ui.py " + " ".join(argv or sys.argv[1:])
-        write_between_markers(args.section, "bench_ui", "\n".join([f"    {command}", "", "```", *LINES, "```"]))
+        REPORT.write(args.section, "bench_ui", command)
     viewer.close()
     return 0 if ok else 1
 

@@ -64,3 +64,18 @@ def test_write_section_replaces_only_its_section_and_goal_rows(tmp_path):
     assert "1.35" not in text and "1.72x" not in text and "| other goal | 40 ms | yes |" in text
     assert "| end-to-end / bare-encoder new | 1.00 | unresolved |" in text and text.endswith("\n\n## next\n")
     assert bp.BEGIN + "\nnew section\n" + bp.END in text
+
+
+def test_benchmark_report_writes_this_runs_lines_between_markers(tmp_path, capsys):
+    from report import Report  # benchmarks/report.py: bench_flat's and bench_ui's --section
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench_x:begin -->\nold figures\n<!-- bench_x:end -->\nafter\n")
+    report = Report()
+    report.say("ratio", 0.91)
+    report.say("load 1.2")
+    report.write(readme, "bench_x", "python benchmarks/bench_x.py")
+    assert capsys.readouterr().out == "ratio 0.91\nload 1.2\n"
+    text = readme.read_text()
+    assert "old figures" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert "    python benchmarks/bench_x.py\n\n```\nratio 0.91\nload 1.2\n```" in text

@@ -314,7 +314,6 @@ def test_loading_models_adds_no_root_log_handler(tmp_path):
     """open_clip's factory logs through module-level ``logging`` calls, which add a stderr handler to a root
     logger that has none (napari's case; pytest's own handlers hide it, hence a fresh interpreter): loading
     the shipped model, a config bundle with a built-in text tower and a named architecture adds none."""
-
     tiny = tiny_bundle(tmp_path / "tiny").path
     code = ("import logging, sys\n"
             "from napari_cytoclip.models.model import load_model\n"

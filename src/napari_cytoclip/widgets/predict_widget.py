@@ -299,10 +299,10 @@ class PredictWidget(QWidget):
         state.model = self._models.get(key)
         state.cache = self.cache_folder()
         name = f"cytoclip regions ({image_name})"
-        colormap = self._colormaps.get(regions_key(state.regions))
-        layer = create_labels_layer(self.viewer, state, name, reuse=self._reusable_layer(name), colormap=colormap)
-        if colormap is None:  # the layer's colormap now has its lookup built: reused by later layers
-            self._colormaps[regions_key(state.regions)] = layer.colormap
+        regions = regions_key(state.regions)
+        layer = create_labels_layer(self.viewer, state, name, reuse=self._reusable_layer(name),
+                                    colormap=self._colormaps.get(regions))
+        self._colormaps.setdefault(regions, layer.colormap)  # its lookup is built now: reused by later layers
         self._set_current(state)
         return state, prediction_steps(state, device, BATCH_SIZE, self.cache_folder())
 
